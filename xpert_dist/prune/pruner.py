@@ -1,0 +1,218 @@
+"""The stateful pruner: runs prune steps over a model and remembers what it needs between them.
+
+A prune step walks the decoder blocks in order (sequential calibration), scores each block's
+linears on their effective (LoRA-merged) weights, chooses masks, optionally computes the Partial
+Brain Surgeon update of the adapter, and writes: base weight <- (W + s·B·A) ⊙ mask, B <- ΔB (PBS)
+or 0. Between steps it keeps the EMA of the scores and the latest masks. All reads and writes go
+through a DistContext, so the same code runs in one process and under ZeRO-3 with many ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PruneConfig
+from ..dist.context import DistContext
+from ..errors import ConfigError
+from ..maths import consumers, masks as mask_ops, scores as score_ops
+from ..models import structure as st
+from ..stats.capture import InputStats
+from ..stats.sequential import full_forward_stats, sequential_calibration
+from .block import ModuleInput, ModuleResult, block_scores, prune_module, stats_mode
+
+log = logging.getLogger(__name__)
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def mask_sha256(keep: torch.Tensor) -> str:
+    """Hash of a mask that is independent of memory layout: shape + packed bits."""
+    import numpy as np
+
+    bits = np.packbits(keep.detach().cpu().contiguous().numpy().astype(bool).ravel())
+    return hashlib.sha256(str(tuple(keep.shape)).encode() + bits.tobytes()).hexdigest()
+
+
+@dataclass
+class StepReport:
+    step: int
+    final: bool
+    target_sparsity: float
+    seconds: float
+    sparsity: dict[str, float] = field(default_factory=dict)
+    mask_sha256: dict[str, str] = field(default_factory=dict)
+    moved: dict[str, float] = field(default_factory=dict)  # share of the kept set that changed vs previous step
+
+
+class Pruner:
+    """Holds EMA scores and masks across prune steps of one run (or a single one-shot prune)."""
+
+    def __init__(self, cfg: PruneConfig, ctx: DistContext | None = None, *, batch_size: int = 8,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.ctx = ctx or DistContext()
+        self.batch_size = batch_size
+        self.progress = progress
+        self.ema: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.reports: list[StepReport] = []
+
+    # ------------------------------------------------------------------ state (checkpointing)
+    def state_dict(self) -> dict:
+        return {"ema": dict(self.ema), "masks": dict(self.masks), "n_steps": len(self.reports),
+                "reports": [r.__dict__ for r in self.reports]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = dict(state.get("ema", {}))
+        self.masks = dict(state.get("masks", {}))
+        self.reports = [StepReport(**r) for r in state.get("reports", [])]
+
+    # ------------------------------------------------------------------ one prune step
+    def layer_sparsities(self, model: nn.Module, calib_ids: torch.Tensor | None, target: float) -> list[float]:
+        """Per-block sparsity: uniform, or OWL's outlier-weighted allocation (mean exactly ``target``)."""
+        n_layers = len(st.blocks(model))
+        if self.cfg.allocation == "uniform" or target == 0.0:
+            return [target] * n_layers
+        if calib_ids is None:
+            raise ConfigError("prune.allocation=owl needs calibration data")
+        all_stats = full_forward_stats(model, calib_ids, mode="diag", batch_size=self.batch_size)
+        ratios = []
+        for i, block in enumerate(st.blocks(model)):
+            with self.ctx.gather(list(block.parameters())):
+                lin = st.block_linears(block, self.cfg.modules)
+                sc = torch.cat([score_ops.wanda_scores(st.effective_weight(m),
+                                                       all_stats[i][st.INPUT_GROUPS[n]].diag).flatten()
+                                for n, m in lin.items()])
+            ratios.append(mask_ops.owl_outlier_ratio(sc, m=self.cfg.owl_m))
+        alloc = mask_ops.owl_sparsities(torch.tensor(ratios, dtype=torch.float64), target, lam=self.cfg.owl_lambda)
+        return [float(x) for x in alloc]
+
+    def step(self, model: nn.Module, calib_ids: torch.Tensor | None, sparsity: float, *, final: bool = False,
+             fixed_masks: dict[str, torch.Tensor] | None = None, use_pbs: bool | None = None) -> StepReport:
+        """Prune every block of ``model`` to ``sparsity``; returns what was done.
+
+        ``final``: no EMA smoothing and no PBS (METHOD.md, step 3). ``fixed_masks``: re-apply these
+        masks instead of choosing new ones (Wanda-then-LoRA's final merge).
+        """
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"sparsity {sparsity} must be in [0, 1)")
+        use_pbs = (cfg.pbs != "off" and not final) if use_pbs is None else use_pbs
+        mode = None if fixed_masks is not None else stats_mode(cfg)
+        if use_pbs and mode is None:
+            mode = "full" if cfg.pbs in ("full", "shared") else "diag"
+        if mode is not None and calib_ids is None:
+            raise ConfigError(f"prune.method={cfg.method} needs calibration data")
+        per_layer = self.layer_sparsities(model, calib_ids, sparsity) if fixed_masks is None else None
+        report = StepReport(step=len(self.reports), final=final, target_sparsity=sparsity, seconds=0.0)
+        previous = dict(self.masks)
+
+        def on_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
+            if stats is not None:
+                stats = self.ctx.reduce_stats(stats)
+            s_i = per_layer[i] if per_layer is not None else sparsity
+            self._prune_block(model, i, block, stats, s_i, final, use_pbs, fixed_masks, report)
+
+        if mode is None:
+            for i, block in enumerate(tqdm(st.blocks(model), desc="prune", disable=not self.progress, leave=False)):
+                on_block(i, block, None)
+        else:
+            n_batches = -(-calib_ids.shape[0] // self.batch_size)
+            local = list(self.ctx.shard(n_batches))
+            rows = torch.cat([torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, calib_ids.shape[0]))
+                              for b in local]) if local else torch.empty(0, dtype=torch.long)
+            sequential_calibration(model, calib_ids[rows], on_block, mode=mode, modules=cfg.modules,
+                                   dtype=STATS_DTYPES[cfg.stats_dtype], batch_size=self.batch_size,
+                                   progress=self.progress, desc="prune step" if not final else "final prune")
+        for name, keep in self.masks.items():
+            report.sparsity[name] = mask_ops.sparsity_of(keep)
+            report.mask_sha256[name] = mask_sha256(keep)
+            if name in previous:
+                prev = previous[name]
+                report.moved[name] = float((prev & ~keep).sum()) / max(1, int(prev.sum()))
+        report.seconds = time.perf_counter() - t0
+        self.reports.append(report)
+        log.info("prune step %d%s: target sparsity %.3f, %d matrices, %.1f s", report.step,
+                 " (final)" if final else "", sparsity, len(report.sparsity), report.seconds)
+        return report
+
+    # ------------------------------------------------------------------ internals
+    def _prune_block(self, model, i, block, stats, sparsity, final, use_pbs, fixed_masks, report) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        geo = st.geometry(model)
+        layers = st.blocks(model)
+        linears = st.block_linears(block, cfg.modules)
+        prefix = f"model.layers.{i}"
+        full_name = {n: f"{prefix}.{'self_attn' if n in st.ATTN else 'mlp'}.{n}" for n in linears}
+        with ctx.gather(list(block.parameters()), modify=True):
+            inputs = {}
+            for n, m in linears.items():
+                parts = st.lora_parts(m)
+                inputs[n] = ModuleInput(st.effective_weight(m), parts[0].detach().float() if parts else None,
+                                        parts[2] if parts else 0.0)
+            scores = None
+            if fixed_masks is None and cfg.method != "sparsegpt":
+                scores = self._block_scores(inputs, stats, geo, block, layers, i)
+
+            def compute(name: str) -> dict[str, torch.Tensor]:
+                fname = full_name[name]
+                score = None
+                if scores is not None:
+                    score = scores[name]
+                    if not final and cfg.ema_eta < 1.0:
+                        score = score_ops.ema_scores(score, self.ema.get(fname), cfg.ema_eta)
+                        self.ema[fname] = score
+                fixed = fixed_masks[fname] if fixed_masks is not None else None
+                group = st.INPUT_GROUPS[name]
+                res = prune_module(cfg, name, inputs[name], score, stats.get(group) if stats else None,
+                                   sparsity, use_pbs, fixed_keep=fixed)
+                out = {"keep": res.keep}
+                if cfg.method == "sparsegpt" and fixed is None:
+                    out["weight"] = res.weight
+                if res.delta_B is not None:
+                    out["delta_B"] = res.delta_B
+                return out
+
+            sizes = {n: inputs[n].U.numel() for n in linears}
+            results = ctx.compute_owned(sorted(linears), sizes, compute)
+            trainable_writes = []
+            for n, m in linears.items():
+                r = results[n]
+                keep = r["keep"].bool()
+                weight = r.get("weight", inputs[n].U * keep)
+                ctx.write_frozen(st.base_linear(m).weight, weight)
+                parts = st.lora_parts(m)
+                if parts is not None:
+                    B = parts[1]
+                    new_B = r.get("delta_B", torch.zeros(B.shape if B.numel() else B.ds_shape))
+                    ctx.write_frozen(B, new_B)  # so forwards inside this gather see it
+                    trainable_writes.append((B, new_B))
+                self.masks[full_name[n]] = keep.cpu()
+        for B, value in trainable_writes:
+            ctx.write_trainable(B, value)
+
+    def _block_scores(self, inputs, stats, geo, block, layers, i) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        next_U, norms = None, {}
+        if cfg.method == "foresight" and cfg.variant == "exact":
+            attn_norm, mlp_norm = st.norm_weights(block)
+            norms["mlp"] = mlp_norm
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                with self.ctx.gather(list(nxt.parameters())):
+                    lin = st.block_linears(nxt, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+                    next_U = {n: st.effective_weight(m) for n, m in lin.items()}
+                    norms["next_attn"], norms["next_mlp"] = st.norm_weights(nxt)
+            missing = [n for n in st.LLAMA_LINEARS if n not in inputs]
+            if missing:  # consumers of pruned modules may be modules that are not pruned
+                lin = st.block_linears(block, missing)
+                inputs = {**inputs, **{n: ModuleInput(st.effective_weight(m)) for n, m in lin.items()}}
+        targets = [n for n in cfg.modules if n in inputs]
+        return block_scores(cfg, inputs, stats, geo.n_heads, geo.n_kv_heads, next_U=next_U, norms=norms,
+                            targets=targets)

@@ -1,0 +1,188 @@
+"""Markdown reports from stored results: one page per run, and one page comparing runs.
+
+Nothing is recomputed: every number is read from ``<run_dir>/results.json`` (schema in ``results.py``);
+retention is the ratio of stored metrics (``xpert_dist.eval.retention.retention``). Files are written
+atomically; images sit beside the markdown and are linked relatively.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..eval.retention import metric_kind, retention
+from . import plots
+from .results import atomic_write_text, fmt_value, get_path, layer_means, load_results, md_table, sparsity_grid
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = [("domain", "domain"), ("model", "model.name_or_path"), ("method", "prune.method"),
+                  ("sparsity", "prune.sparsity"), ("pattern", "prune.pattern"), ("schedule", "prune.schedule"),
+                  ("pbs", "prune.pbs"), ("lora r", "lora.r"), ("steps", "train.max_steps"),
+                  ("seq len", "data.seq_len")]
+
+
+def _mean_sparsity(sparsity: dict) -> float | None:
+    _, _, grid = sparsity_grid(sparsity)
+    vals = [v for row in grid for v in row if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _kv_table(values: dict) -> str:
+    return md_table(["key", "value"], [[k, fmt_value(k, v)] for k, v in values.items()])
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` (+ ``loss.png``, ``sparsity.png`` when there is data); return its path."""
+    run_dir = Path(run_dir)
+    res = load_results(run_dir)
+    cfg = res["config"]
+    out = [f"# Run `{res['name']}`", ""]
+    summary = [[label, fmt_value(label, get_path(cfg, key))] for label, key in SUMMARY_FIELDS
+               if get_path(cfg, key) is not None]
+    if summary:
+        out += [md_table(["setting", "value"], summary), ""]
+
+    out += ["## Metrics", ""]
+    out += [_kv_table(res["metrics"]) if res["metrics"] else "_No metrics recorded._", ""]
+
+    out += ["## Training loss", ""]
+    history = res["loss_history"]
+    loss_png = plots.plot_loss({res["name"]: history}, run_dir / "loss.png", {res["name"]: res["prune_steps"]},
+                               title=f"Training loss: {res['name']}")
+    if loss_png:
+        first, last = history[0], history[-1]
+        out += [f"![training loss](loss.png)", "",
+                f"{len(history)} points, loss {first[1]:.4g} at step {first[0]:g} -> {last[1]:.4g} at step "
+                f"{last[0]:g}. Prune steps: {', '.join(f'{s:g}' for s in res['prune_steps']) or 'none'}.", ""]
+    else:
+        out += ["_No loss history recorded._", ""]
+
+    out += ["## Sparsity", ""]
+    sp_png = plots.plot_sparsity(res["sparsity"], run_dir / "sparsity.png", title=f"Sparsity: {res['name']}")
+    if sp_png:
+        _, _, grid = sparsity_grid(res["sparsity"])
+        vals = [v for row in grid for v in row if not math.isnan(v)]
+        out += ["![per-layer sparsity](sparsity.png)", "",
+                f"{len(vals)} modules in {len(grid)} layers; mean over modules {sum(vals) / len(vals):.4f} "
+                f"(unweighted), min {min(vals):.4f}, max {max(vals):.4f}.", ""]
+    else:
+        out += ["_No per-layer sparsity recorded._", ""]
+
+    for section in ("timing", "memory"):
+        out += [f"## {section.capitalize()}", ""]
+        out += [_kv_table(res[section]) if res[section] else f"_No {section} recorded._", ""]
+
+    if cfg:
+        out += ["## Configuration", "", "<details><summary>full config</summary>", "", "```json",
+                json.dumps(cfg, indent=2, sort_keys=True, default=str), "```", "", "</details>", ""]
+    path = atomic_write_text(run_dir / "report.md", "\n".join(out))
+    log.info("wrote %s", path)
+    return path
+
+
+def _pick_reference(runs: list[dict], reference: str | None) -> dict | None:
+    names = [r["name"] for r in runs]
+    if reference is not None:
+        for r in runs:
+            if r["name"] == reference:
+                return r
+        raise ConfigError(f"comparison reference run {reference!r} is not among the runs: {', '.join(names)}")
+    dense = [r for r in runs if get_path(r["config"], "prune.method") == "none"]
+    return dense[0] if len(dense) == 1 else None
+
+
+def _links(run_dir: Path, out_dir: Path) -> str:
+    files = [run_dir / "results.json"] + sorted(run_dir.glob("*manifest*.json"))
+    if (run_dir / "report.md").is_file():
+        files.append(run_dir / "report.md")
+    return ", ".join(f"[{f.name}]({Path(os.path.relpath(f, out_dir)).as_posix()})" for f in files)
+
+
+def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str | None = None
+                            ) -> Path:
+    """Write ``out_dir/comparison.md`` (+ ``compare_*.png``) comparing the runs; return its path.
+
+    ``reference`` names the dense-LoRA run that retention is measured against; None: the single run
+    whose ``prune.method`` is ``none``, else no retention section.
+    """
+    if not run_dirs:
+        raise ConfigError("write_comparison_report needs at least one run directory")
+    out_dir = Path(out_dir)
+    dirs = [Path(d) for d in run_dirs]
+    runs = [load_results(d) for d in dirs]
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"runs to compare have duplicate names: {names}")
+    ref = _pick_reference(runs, reference)
+    out = [f"# Comparison of {len(runs)} runs", ""]
+
+    summary = []
+    for r in runs:
+        c = r["config"]
+        summary.append([r["name"], get_path(c, "prune.method", "?"), fmt_value("sparsity", get_path(c, "prune.sparsity")),
+                        fmt_value("sparsity", _mean_sparsity(r["sparsity"])), get_path(c, "prune.schedule", "?")])
+    out += [md_table(["run", "method", "target sparsity", "measured (mean)", "schedule"], summary), ""]
+
+    retained: dict[str, dict[str, float]] = {}
+    if ref is not None:
+        out += ["## Retention", "", f"Against the dense reference `{ref['name']}`: perplexity dense/run, "
+                "accuracy run/dense; `domain_retention` averages perplexity and each task's `acc`.", ""]
+        retained = {r["name"]: retention(r["metrics"], ref["metrics"]) for r in runs}
+        keys = list(dict.fromkeys(["domain_retention"] + [k for v in retained.values() for k in v]))
+        out += [md_table(["run"] + keys, [[n] + [fmt_value(k, v[k]) if k in v else "-" for k in keys]
+                                          for n, v in retained.items()]), ""]
+        if plots.plot_retention(retained, out_dir / "compare_retention.png"):
+            out += ["![retention](compare_retention.png)", ""]
+    else:
+        out += ["_No dense reference run (pass `reference=`), so no retention._", ""]
+
+    out += ["## Metrics", ""]
+    metric_keys = list(dict.fromkeys(k for r in runs for k, v in r["metrics"].items() if metric_kind(k)))
+    if metric_keys:
+        out += [md_table(["run"] + metric_keys, [[r["name"]] + [fmt_value(k, r["metrics"][k]) if k in r["metrics"] else "-"
+                                                               for k in metric_keys] for r in runs]), ""]
+        panels = {r["name"]: {k: float(r["metrics"][k]) for k in metric_keys if k in r["metrics"]} for r in runs}
+        if plots.plot_metric_panels(panels, out_dir / "compare_metrics.png"):
+            out += ["![metrics](compare_metrics.png)", ""]
+    else:
+        out += ["_No metrics recorded._", ""]
+
+    out += ["## Training loss", ""]
+    if plots.plot_loss({r["name"]: r["loss_history"] for r in runs}, out_dir / "compare_loss.png",
+                       {r["name"]: r["prune_steps"] for r in runs}, title="Training loss"):
+        out += ["![loss curves](compare_loss.png)", ""]
+    else:
+        out += ["_No loss history recorded._", ""]
+
+    out += ["## Per-layer sparsity", ""]
+    if plots.plot_sparsity_profiles({r["name"]: r["sparsity"] for r in runs}, out_dir / "compare_sparsity.png"):
+        out += ["![mean sparsity per layer](compare_sparsity.png)", ""]
+        rows = []
+        for r in runs:
+            layers, means = layer_means(r["sparsity"])
+            if layers:
+                rows.append([r["name"], f"{min(means):.3f}", f"{max(means):.3f}",
+                             f"{layers[means.index(max(means))]}"])
+        out += [md_table(["run", "min layer mean", "max layer mean", "most pruned layer"], rows), ""]
+    else:
+        out += ["_No per-layer sparsity recorded._", ""]
+
+    out += ["## Time and peak memory", ""]
+    cost_keys = list(dict.fromkeys([f"timing.{k}" for r in runs for k in r["timing"]]
+                                   + [f"memory.{k}" for r in runs for k in r["memory"]]))
+    if cost_keys:
+        rows = [[r["name"]] + [fmt_value(k, get_path(r, k)) if get_path(r, k) is not None else "-"
+                               for k in cost_keys] for r in runs]
+        out += [md_table(["run"] + cost_keys, rows), ""]
+    else:
+        out += ["_No timing or memory recorded._", ""]
+
+    out += ["## Runs", ""]
+    out += [f"- `{r['name']}`: {_links(d, out_dir)}" for r, d in zip(runs, dirs)] + [""]
+    path = atomic_write_text(out_dir / "comparison.md", "\n".join(out))
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,154 @@
+"""PNG plots of stored run results (no recomputation): loss curves, per-layer sparsity, retention bars.
+
+Figures are built with matplotlib's object API on an Agg canvas (no pyplot state, no display needed) and
+always have the same pixel size, ``FIG_INCHES * DPI`` = 800 x 500 (no tight bbox). Every file is written
+to a temporary name and renamed into place. Each function returns the path, or None when there was
+nothing to plot.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .results import atomic_write_bytes, layer_means, sparsity_grid
+
+FIG_INCHES = (8.0, 5.0)
+DPI = 100
+PIXELS = (int(FIG_INCHES[0] * DPI), int(FIG_INCHES[1] * DPI))  # (width, height)
+
+
+def _figure() -> Figure:
+    fig = Figure(figsize=FIG_INCHES, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` to PNG bytes and write them atomically to ``path``."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_loss(curves: dict[str, list], path: str | Path, prune_steps: dict[str, list] | None = None,
+              title: str = "Training loss") -> Path | None:
+    """Loss against optimizer step, one line per run; prune steps as dotted vertical lines in its colour."""
+    curves = {name: pts for name, pts in curves.items() if pts}
+    if not curves:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    marked = False
+    for name, pts in curves.items():
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.2)
+        for step in (prune_steps or {}).get(name, []):
+            ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=1.0, alpha=0.8,
+                       label=None if marked else "prune step")
+            marked = True
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str = "Sparsity per layer and module"
+                  ) -> Path | None:
+    """Heatmap of the pruned fraction, layers as rows and module types as columns (blank: not reported)."""
+    layers, modules, grid = sparsity_grid(sparsity)
+    if not layers:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(len(modules)), modules, rotation=30, fontsize=8)
+    step = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=8)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    if len(layers) * len(modules) <= 64:
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="sparsity (pruned fraction)")
+    return save_png(fig, path)
+
+
+def plot_sparsity_profiles(runs: dict[str, dict[str, float]], path: str | Path,
+                           title: str = "Mean sparsity per layer") -> Path | None:
+    """One line per run: the unweighted mean sparsity of each layer's reported modules."""
+    profiles = {name: layer_means(sp) for name, sp in runs.items()}
+    profiles = {name: prof for name, prof in profiles.items() if prof[0]}
+    if not profiles:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, (layers, means) in profiles.items():
+        ax.plot(layers, means, marker="o", markersize=3, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean sparsity")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_grouped_bars(values: dict[str, dict[str, float]], path: str | Path, title: str, ylabel: str,
+                      reference_line: float | None = None) -> Path | None:
+    """Bars grouped by metric (x axis), one bar per run; NaN/missing values leave a gap."""
+    runs = [r for r, vals in values.items() if vals]
+    metrics = list(dict.fromkeys(k for r in runs for k in values[r]))
+    if not runs or not metrics:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        xs = [m + (i - (len(runs) - 1) / 2) * width for m in range(len(metrics))]
+        ys = [values[run].get(k, math.nan) for k in metrics]
+        ax.bar(xs, [0.0 if math.isnan(y) else y for y in ys], width=width * 0.95, label=run)
+    if reference_line is not None:
+        ax.axhline(reference_line, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(metrics)), metrics, rotation=20, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_retention(retentions: dict[str, dict[str, float]], path: str | Path,
+                   title: str = "Retention vs the dense model") -> Path | None:
+    """Retention ratios per metric and run, with the dense level (1.0) dashed."""
+    return plot_grouped_bars(retentions, path, title, "retention (1 = dense)", reference_line=1.0)
+
+
+def plot_metric_panels(metrics: dict[str, dict[str, float]], path: str | Path, title: str = "Metrics"
+                       ) -> Path | None:
+    """One panel per metric (own y scale, perplexity and accuracies differ by orders), one bar per run."""
+    runs = list(metrics)
+    keys = list(dict.fromkeys(k for r in runs for k in metrics[r]))
+    if not runs or not keys:
+        return None
+    fig = _figure()
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    for n, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ys = [metrics[r].get(key, math.nan) for r in runs]
+        ax.bar(range(len(runs)), [0.0 if math.isnan(y) else y for y in ys],
+               color=[f"C{i}" for i in range(len(runs))])
+        ax.set_xticks(range(len(runs)), runs, rotation=30, fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(title)
+    return save_png(fig, path)

@@ -1,0 +1,101 @@
+"""Checkpoint and resume a run: model weights (base, as pruned, and LoRA), optimizer, pruner state
+(masks, EMA scores), schedule position, loss history and RNG states.
+
+Written atomically with checksums (``launch.checkpoint_io``); a resumed run continues exactly where
+the checkpoint was taken, so a preempted-and-requeued job ends with the same masks as an
+uninterrupted one. The data order is a pure function of (seed, epoch), so it needs no state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..dist.context import DistContext
+from ..launch import checkpoint_io, signals
+
+log = logging.getLogger(__name__)
+
+
+def should_save(cfg: RunConfig, step: int, total: int) -> bool:
+    """Periodic checkpoint due, or a stop was requested (SLURM's signal before the time limit)."""
+    every = cfg.train.checkpoint_every
+    return signals.stop_requested() or (every > 0 and step % every == 0 and step < total)
+
+
+def _model_state(model, ctx: DistContext) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, p in model.named_parameters():
+        with ctx.gather([p]):
+            sd[name] = p.detach().clone().cpu().contiguous()
+    return sd
+
+
+def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history: list) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(out) / "checkpoints"
+    sd = _model_state(model, ctx)
+
+    def writer(tmp: Path) -> None:
+        if ctx.rank == 0:
+            save_file(sd, str(tmp / "model.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "loss_history": history}))
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        torch.save(pruner.state_dict(), tmp / f"pruner-rank{ctx.rank}.pt")
+        if engine.deepspeed:
+            engine.engine.save_checkpoint(str(tmp / "ds"), tag="state")
+        elif ctx.rank == 0:
+            torch.save(engine.optimizer_state(), tmp / "optimizer.pt")
+
+    final = root / f"step-{step:08d}"
+    multi = ctx.world_size > 1
+    checkpoint_io.write_atomic_dir(final, writer, barrier=ctx.barrier if multi else None, is_main=ctx.rank == 0)
+    if ctx.rank == 0:
+        checkpoint_io.prune_old(root, keep=2)
+        log.info("checkpoint %s written", final)
+    if signals.stop_requested(sync=False):
+        raise signals.Preempted(f"stopped after step {step}; checkpoint {final}")
+    return final
+
+
+def resume(out: Path, model, engine, pruner, ctx: DistContext) -> dict:
+    """Load the newest complete checkpoint under ``out/checkpoints`` if any; returns trainer state."""
+    from safetensors.torch import load_file
+
+    root = Path(out) / "checkpoints"
+    path = checkpoint_io.latest_complete(root, verify=True) if ctx.rank == 0 else None
+    path = ctx.broadcast_object(str(path) if path else None)
+    if path is None:
+        return {}
+    path = Path(path)
+    log.info("resuming from %s", path)
+    if engine.deepspeed:
+        engine.engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False)
+    sd = load_file(str(path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(sd))
+    if missing:
+        raise checkpoint_io.CheckpointError(f"checkpoint {path} lacks parameters {missing[:3]}")
+    trainable = []
+    for name, p in params.items():
+        with ctx.gather([p], modify=True):
+            ctx.write_frozen(p, sd[name])
+        if p.requires_grad:
+            trainable.append((p, sd[name]))
+    for p, value in trainable:
+        ctx.write_trainable(p, value)
+    if not engine.deepspeed:
+        engine.load_optimizer_state(torch.load(path / "optimizer.pt", weights_only=False))
+    own = path / f"pruner-rank{ctx.rank}.pt"
+    pruner.load_state_dict(torch.load(own if own.exists() else path / "pruner-rank0.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    state = json.loads((path / "trainer.json").read_text())
+    engine.steps_done = state["step"]
+    return state

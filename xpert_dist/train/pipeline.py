@@ -1,0 +1,180 @@
+"""EfficientXpert end to end: LoRA fine-tuning with in-loop pruning, final prune, export, evaluation.
+
+``run(cfg)`` is the whole job, the same code path for one process, torchrun, the deepspeed
+launcher, srun and submitit (``launchers/run.py`` sets up the process group first). The schedule
+(METHOD.md): prune steps at epoch boundaries after the first, or every N optimizer steps, then a
+final prune step without EMA and PBS; baselines are the same loop with other settings
+(dense LoRA: method none; LoRA→Wanda: schedule final_only; Wanda→LoRA: before_training).
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..dist.context import DistContext
+from ..models import loading, structure as st
+from ..models.lora import wrap_lora
+from ..prune.pruner import Pruner
+from ..utils.atomic import atomic_write_json
+from . import checkpoint, export, manifest
+from .data import build_train_data, epoch_order, micro_batches, steps_per_epoch
+from .engine import Engine, load_ds_config
+from .schedule import plan_prune_steps
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_context(zero3: bool) -> DistContext:
+    """The DistContext for this process: multi-rank/ZeRO-3 aware when torch.distributed is up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from ..dist import context as dctx
+
+        if hasattr(dctx, "TorchDistContext"):
+            return dctx.TorchDistContext(zero3=zero3)
+    return DistContext()
+
+
+def preflight(cfg: RunConfig, world_size: int) -> dict | None:
+    """Checks that need no model: config files and data exist (cheap), before anything expensive."""
+    ds = load_ds_config(cfg, world_size) if cfg.ds_config else None
+    from ..data import sources
+
+    sources.load_records(cfg.data.train, cfg.data.train_split)  # missing / empty -> ConfigError
+    if cfg.data.calibration:
+        sources.load_records(cfg.data.calibration)
+    return ds
+
+
+def _zero_stage(ds: dict | None) -> int:
+    return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict:
+    """Train, prune, export and evaluate one run; returns the results dict (also written as JSON)."""
+    import torch.distributed as dist
+
+    t_start = time.perf_counter()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    out = Path(cfg.output_dir)
+    ds = preflight(cfg, world)
+    torch.manual_seed(cfg.train.seed)
+
+    hf_ds = None
+    if _zero_stage(ds) == 3 and cfg.model.tiny is None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (keeps zero.Init active while loading)
+    model = loading.load_model(cfg.model, seed=cfg.train.seed)
+    st.check_family(model)
+    tokenizer = loading.load_tokenizer(cfg.model)
+    from ..data.tokenize import model_max_positions
+
+    data = build_train_data(cfg, tokenizer, cfg.model.max_position_embeddings or model_max_positions(model))
+    model = wrap_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
+    spe = steps_per_epoch(len(data), cfg, world)
+    total = spe * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, spe * cfg.train.epochs)
+    plan = plan_prune_steps(cfg.prune, spe, total)
+    ctx = make_context(zero3=_zero_stage(ds) == 3)
+    pruner = Pruner(cfg.prune, ctx, batch_size=cfg.train.batch_size, progress=progress and rank == 0)
+    if rank == 0:
+        log.info("run %s: %d optimizer steps (%d per epoch), prune steps before %s, world size %d%s",
+                 cfg.name, total, spe, list(plan.steps) or "none", world,
+                 f", DeepSpeed ZeRO-{_zero_stage(ds)}" if ds else "")
+
+    if plan.before_training:  # Wanda-then-LoRA: prune the base model once, keep that mask
+        pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False)
+    engine = Engine(model, cfg, total, world)
+    model = engine.module
+
+    state = checkpoint.resume(out, model, engine, pruner, ctx)
+    step = state.get("step", 0)
+    history: list[list[float]] = state.get("loss_history", [])
+    prune_at = dict(zip(plan.steps, plan.sparsities))
+    t_train = time.perf_counter()
+    prune_seconds = 0.0
+    bar = tqdm(total=total, initial=step, desc="train", disable=not (progress and rank == 0))
+    while step < total:
+        if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
+            prune_seconds += pruner.step(model, data.calib_ids, prune_at[step]).seconds
+        epoch, in_epoch = divmod(step, spe)
+        order = epoch_order(len(data), epoch, cfg.train.seed)
+        loss = engine.step(micro_batches(data, order, in_epoch, cfg, rank, world))
+        step += 1
+        history.append([step, loss])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if rank == 0 and (step % cfg.train.log_every == 0):
+            log.info("step %d/%d loss %.4f", step, total, loss)
+        if checkpoint.should_save(cfg, step, total):
+            checkpoint.save(out, step, model, engine, pruner, ctx, history)
+    bar.close()
+    train_seconds = time.perf_counter() - t_train - prune_seconds
+
+    # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging
+    if cfg.prune.method != "none":
+        fixed = dict(pruner.masks) if plan.before_training else None
+        rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
+        prune_seconds += rep.seconds
+    results = finish(cfg, model, tokenizer, pruner, ctx, data, history, plan,
+                     timing={"train_s": train_seconds, "prune_s": prune_seconds,
+                             "total_s": time.perf_counter() - t_start},
+                     rank=rank, world=world)
+    return results
+
+
+def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank, world) -> dict:
+    """Merge, check sparsity, export, evaluate the exported model, write results/manifest/report."""
+    out = Path(cfg.output_dir)
+    sd = export.merged_state_dict(model, ctx)
+    expected = {n: cfg.prune.sparsity for n in pruner.masks} if cfg.prune.pattern == "unstructured" \
+        and cfg.prune.allocation == "uniform" else None
+    sparsity = export.check_sparsity(sd, pruner.masks, expected)
+    results = {"name": cfg.name, "config": cfg.to_dict(), "world_size": world,
+               "loss_history": history, "prune_steps": list(plan.steps), "sparsity": sparsity,
+               "prune_reports": [r.__dict__ for r in pruner.reports], "timing": timing,
+               "memory": {"peak_rss_mb": peak_rss_mb()}}
+    if rank == 0:
+        export.save_hf_checkpoint(sd, model, tokenizer, out / "model")
+        if pruner.masks:
+            export.save_masks(pruner.masks, out / "masks.safetensors")
+    if cfg.train.keep_adapter:
+        export.save_adapter(model, ctx, out / "adapter")
+    del sd
+    ctx.barrier()
+    if rank == 0:
+        results["metrics"] = evaluate_export(cfg, out / "model", tokenizer)
+        results["final_loss"] = history[-1][1] if history else None
+        atomic_write_json(out / "results.json", results)
+        manifest.write(out, cfg, results, pruner, data.sha256)
+        try:
+            from ..report.markdown import write_run_report
+
+            write_run_report(out)
+        except ImportError:  # report package optional at import time
+            pass
+        log.info("run %s finished: report %s", cfg.name, out / "report.md")
+    ctx.barrier()
+    return results
+
+
+def evaluate_export(cfg: RunConfig, model_dir: Path, tokenizer) -> dict:
+    """Reload the exported checkpoint with plain transformers and evaluate it (proves it loads)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.retention import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return evaluate(model, tokenizer, cfg)
