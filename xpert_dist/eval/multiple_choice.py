@@ -19,7 +19,7 @@ import torch
 from ..data.sources import HOLDING_MARKER
 from ..data.tokenize import encode_texts, eos_id, model_max_positions, pad_id
 from ..errors import ConfigError
-from .perplexity import logits_of, model_device
+from .perplexity import at_least_fp32, logits_of, model_device
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _score_batch(model, rows, pad: int, device, keep_ok: bool) -> list[float]:
     sums = []
     for r, (inp, n, cont) in enumerate(rows):
         end = len(inp) - offset
-        logp = torch.log_softmax(logits[r, end - n: end].float(), dim=-1)
+        logp = torch.log_softmax(at_least_fp32(logits[r, end - n: end]), dim=-1)
         target = torch.tensor(cont, dtype=torch.long, device=logp.device).unsqueeze(-1)
         sums.append(float(logp.gather(-1, target).double().sum()))
     return sums

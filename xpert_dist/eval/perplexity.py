@@ -1,8 +1,8 @@
 """Perplexity of a causal LM on fixed token windows: exp(mean NLL over every predicted token).
 
 Each window is scored independently (no state carried between windows); in a window of L tokens the
-L-1 tokens after the first are predicted. Log-probabilities are computed in float32 (float64 sums) from
-the model's logits, whatever the model's dtype. Works with HF models and peft-wrapped ones.
+L-1 tokens after the first are predicted. Log-probabilities are computed in at least float32 (sums in float64)
+from the model's logits, whatever the model's dtype. Works with HF models and peft-wrapped ones.
 """
 from __future__ import annotations
 
@@ -34,12 +34,17 @@ def logits_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 when it already is (half-precision log-softmax loses digits)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def window_nll(model, windows: torch.Tensor) -> tuple[float, int]:
     """(summed NLL of tokens 1..L-1 of every window, number of predicted tokens) for one batch."""
-    logits = logits_of(model, windows)[:, :-1].float()
+    logits = at_least_fp32(logits_of(model, windows)[:, :-1])
     targets = windows[:, 1:].to(logits.device)
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-    return float(nll.double()), targets.numel()
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return float(nll.double().sum()), targets.numel()
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:

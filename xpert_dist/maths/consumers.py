@@ -201,13 +201,13 @@ def foresight_exact_scores(
     """ForeSight ``U² · d · c`` for every module of ``U`` (``variant = exact``).
 
     ``d[name]`` is ``diag(XᵀX)`` of that module's input; ``consumer_kw`` go to
-    :func:`consumer_factors` (next_U, norm weights, v_group).
+    :func:`consumer_factors` (next_U, norm weights, v_group, names: scores only for those).
     """
     c = consumer_factors(U, n_heads, n_kv_heads, **consumer_kw)
-    missing = [m for m in U if m not in d]
+    missing = [m for m in c if m not in d]
     if missing:
         raise StatisticsError(f"no input statistics d for module(s) {missing}")
-    return {m: foresight_scores(U[m], d[m], c[m]) for m in U}
+    return {m: foresight_scores(U[m], d[m], c[m]) for m in c}
 
 
 def foresight_reference_scores(

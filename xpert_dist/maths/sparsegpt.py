@@ -104,7 +104,7 @@ def sparsegpt_prune(
     dead = Hc.diagonal() == 0
     Hc[dead, dead] = 1.0
     Wc[:, dead] = 0.0
-    damp = float(percdamp) * float(Hc.diagonal().mean())
+    damp = float(percdamp) * abs(float(Hc.diagonal().mean()))
     Hinv = _hinv_chol(Hc, damp, max_retries)
     if Hinv is None:
         warnings.warn(

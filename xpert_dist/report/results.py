@@ -58,6 +58,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def parse_module(name: str) -> tuple[int, str] | None:
     """``model.layers.3.mlp.up_proj`` -> ``(3, "up_proj")``; None for names outside numbered layers."""
+    name = name.removesuffix(".weight")
     m = _LAYER.search(name)
     return (int(m.group(1)), name.rsplit(".", 1)[-1]) if m else None
 

@@ -4,18 +4,27 @@ Capture the inputs of block 0 once, then for each block: run the calibration bat
 block alone with statistics hooks, let the caller prune it, and recompute its outputs as the next
 block's inputs. Only one block's statistics exist at a time; activations between blocks stay on
 the host. Under ZeRO-3 the caller supplies ``gather_block`` to materialise one block's weights.
+
+Distributed calibration: each rank passes only its own batches (a contiguous run of the global
+batches, e.g. ``ctx.shard(K)``) and their global indices (``batch_indices``), or a context ``ctx``
+(a :class:`xpert_dist.dist.context.DistContext`) from which the indices, the block gather and the
+forward scope are derived. Every batch is a leaf of the canonical summation tree, so the
+statistics handed to ``on_block`` reduce (``ctx.reduce_stats``) to the same bits for any world
+size. A distributed context that is *active* (``TorchDistContext`` activates itself) is used
+when no ``ctx`` is given, so callers written for one process work unchanged on many ranks.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.structure import blocks, block_linears, unwrap
+from ..errors import StatisticsError
 from .capture import InputStats, StatsCollector
 
 log = logging.getLogger(__name__)
@@ -25,11 +34,41 @@ class _StopForward(Exception):
     pass
 
 
+_ACTIVE: list = []  # the active distributed context (at most one), see ``activate``
+
+
+def activate(ctx) -> None:
+    """Make ``ctx`` the context ``sequential_calibration`` uses when the caller passes none."""
+    _ACTIVE[:] = [ctx]
+
+
+def deactivate(ctx=None) -> None:
+    if ctx is None or (_ACTIVE and _ACTIVE[0] is ctx):
+        _ACTIVE.clear()
+
+
+def active_context():
+    return _ACTIVE[0] if _ACTIVE else None
+
+
+def pre_block_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules with parameters that run before block 0 (the token embedding)."""
+    inner = unwrap(model).model
+    return [m for name, m in inner.named_children() if name != "layers" and any(True for _ in m.parameters())
+            and name not in ("norm",)]
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], dict]:
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                         gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+                         ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering block 0 for each calibration batch, plus the keyword arguments
-    (rotary embeddings, causal mask) that the decoder layers receive. Stops the forward there."""
+    (rotary embeddings, causal mask) that the decoder layers receive. Stops the forward there.
+    ``gather`` materialises the pre-block modules (ZeRO-3)."""
     layers = blocks(model)
+    if input_ids.shape[0] == 0:
+        return [], {}
+    gather = gather or (lambda _m: contextlib.nullcontext())
     first = layers[0]
     captured: list[torch.Tensor] = []
     kwargs_seen: dict = {}
@@ -41,11 +80,14 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
     handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            try:
-                unwrap(model)(input_ids=input_ids[start:start + batch_size], use_cache=False)
-            except _StopForward:
-                pass
+        with contextlib.ExitStack() as stack:
+            for m in pre_block_modules(model):
+                stack.enter_context(gather(m))
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    unwrap(model)(input_ids=input_ids[start:start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
     kwargs_seen["use_cache"] = False
@@ -62,36 +104,86 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> 
 BlockCallback = Callable[[int, nn.Module, dict[str, InputStats]], None]
 
 
+def _resolve(ctx, n_local: int, batch_indices, gather_block, forward_context, model):
+    """Fill the distributed defaults from ``ctx`` (explicit arguments win)."""
+    if ctx is None:
+        ctx = active_context()
+    gather_pre = gather_block
+    if ctx is not None:
+        if gather_pre is None and hasattr(ctx, "gather"):
+            gather_pre = lambda m: ctx.gather(m, modify=False)  # noqa: E731
+        if gather_block is None and hasattr(ctx, "gather"):
+            gather_block = lambda b: ctx.gather(b, modify=True)  # noqa: E731 (writes in on_block persist)
+        if forward_context is None and hasattr(ctx, "calibration_scope"):
+            forward_context = ctx.calibration_scope(model)
+        if batch_indices is None and hasattr(ctx, "global_batch_indices") and getattr(ctx, "world_size", 1) > 1:
+            batch_indices = ctx.global_batch_indices(n_local)
+    if batch_indices is None:
+        batch_indices = range(n_local)
+    batch_indices = [int(b) for b in batch_indices]
+    if len(batch_indices) != n_local:
+        raise StatisticsError(f"batch_indices has {len(batch_indices)} entries for {n_local} local batches")
+    if any(b != batch_indices[0] + j for j, b in enumerate(batch_indices)):
+        raise StatisticsError(f"batch_indices must be one contiguous increasing run, got {batch_indices[:8]}...")
+    null = lambda _b: contextlib.nullcontext()  # noqa: E731
+    return batch_indices, gather_block or null, gather_pre or null, forward_context or contextlib.nullcontext()
+
+
 @torch.no_grad()
 def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: BlockCallback, *,
                            mode: str = "diag", modules=None, dtype=torch.float32, batch_size: int = 8,
                            gather_block: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
-                           recompute: bool = True, progress: bool = True, desc: str = "calibrate") -> None:
+                           recompute: bool = True, progress: bool = True, desc: str = "calibrate",
+                           batch_indices: Sequence[int] | None = None, ctx=None,
+                           forward_context: contextlib.AbstractContextManager | None = None,
+                           reduction: str = "tree") -> None:
     """Call ``on_block(i, block, stats)`` for every decoder block, in order, with that block's
     statistics computed on inputs that already went through the (pruned) earlier blocks.
 
     ``stats`` maps input-group names (``attn_in``, ``o_in``, ``mlp_in``, ``down_in``) to InputStats.
     ``recompute=False`` reuses the block outputs from before ``on_block`` (faster, less exact).
+
+    ``input_ids`` are this process's calibration rows, cut into batches of ``batch_size``;
+    ``batch_indices[j]`` is the global index of local batch ``j`` (default ``0, 1, ...``, or from
+    ``ctx``). Under several ranks the statistics passed to ``on_block`` are this rank's partials
+    (possibly empty); ``ctx.reduce_stats`` turns them into the global ones.
     """
-    gather_block = gather_block or (lambda _b: contextlib.nullcontext())
+    n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
+    batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
+                                                            forward_context, model)
     was_training = model.training
     model.eval()
-    hidden, kwargs = capture_block_inputs(model, input_ids, batch_size)
     layers = blocks(model)
-    device = next(iter(layers[0].parameters())).device
-    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else
-                  tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
-    names = modules or None
-    for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
-        linears = block_linears(block, names) if names else block_linears(block)
-        with gather_block(block):
-            with StatsCollector(linears, mode=mode, dtype=dtype) as col:
-                outs = [_run_block(block, h, kwargs, device).cpu() for h in hidden]
-            on_block(i, block, col.stats())
-            if recompute:
-                outs = [_run_block(block, h, kwargs, device).cpu() for h in hidden]
-        hidden = outs
-    model.train(was_training)
+    try:
+        with forward_context:
+            hidden, kwargs = capture_block_inputs(model, input_ids, batch_size, gather=gather_pre)
+            device = next(iter(layers[0].parameters())).device
+            kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                          tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+            names = modules or None
+            for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
+                linears = block_linears(block, names) if names else block_linears(block)
+                with gather_block(block):
+                    with StatsCollector(linears, mode=mode, dtype=dtype, reduction=reduction) as col:
+                        outs = []
+                        for g, h in zip(batch_indices, hidden):
+                            col.set_batch(g)
+                            outs.append(_run_block(block, h, kwargs, device).cpu())
+                    on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
+                    if recompute:
+                        outs = [_run_block(block, h, kwargs, device).cpu() for h in hidden]
+                hidden = outs
+    finally:
+        model.train(was_training)
+
+
+def shard_rows(input_ids: torch.Tensor, batch_size: int, batches: Sequence[int] | range) -> torch.Tensor:
+    """The rows of ``input_ids`` that make up the given global batches (e.g. ``ctx.shard(K)``)."""
+    batches = list(batches)
+    if not batches:
+        return input_ids[:0]
+    n = input_ids.shape[0]
+    return input_ids[batches[0] * batch_size:min((batches[-1] + 1) * batch_size, n)]
 
 
 @torch.no_grad()
@@ -100,7 +192,8 @@ def full_forward_stats(model: nn.Module, input_ids: torch.Tensor, *, mode: str =
     """Statistics of every block from ordinary full forwards (no pruning in between)."""
     linears = {f"{i}.{n}": m for i, b in enumerate(blocks(model)) for n, m in block_linears(b).items()}
     with StatsCollector(linears, mode=mode, dtype=dtype) as col:
-        for start in range(0, input_ids.shape[0], batch_size):
+        for b, start in enumerate(range(0, input_ids.shape[0], batch_size)):
+            col.set_batch(b)
             unwrap(model)(input_ids=input_ids[start:start + batch_size], use_cache=False)
     out: dict[int, dict[str, InputStats]] = {}
     for key, st in col.stats().items():

@@ -115,19 +115,27 @@ class TreeSum:
         """The maximal aligned subtrees of the pushed range, in increasing leaf order."""
         return list(self._stack)
 
-    def total(self) -> torch.Tensor:
+    def total(self, consume: bool = False) -> torch.Tensor:
         """The canonical root value of the pushed range (see the module docstring).
 
         The stack holds subtrees of strictly decreasing size from left to right; folding from the
         right (``left + (rest)``) is exactly the canonical tree with absent leaves beyond ``stop``
-        when ``start == 0``. The stack itself is left untouched.
+        when ``start == 0``. ``consume=False`` leaves the stack untouched (one new tensor);
+        ``consume=True`` folds in place into the partial values and empties the stack.
         """
         if not self._stack:
             raise StatisticsError("tree summation is empty: no batch was pushed")
-        acc = self._stack[-1].value
-        for node in reversed(self._stack[:-1]):
-            acc = node.value + acc
-        return acc
+        return fold_nodes(self._stack, consume=consume)
+
+
+def fold_nodes(nodes: Sequence[Node], consume: bool = False) -> torch.Tensor:
+    """Fold consecutive maximal subtrees (decreasing size, left to right) from the right."""
+    acc = nodes[-1].value
+    for node in reversed(nodes[:-1]):
+        acc = node.value.add_(acc) if consume else node.value + acc
+    if consume and isinstance(nodes, list):
+        nodes.clear()
+    return acc
 
 
 def maximal_nodes(start: int, stop: int) -> list[tuple[int, int]]:

@@ -1,0 +1,127 @@
+"""choice_accuracy against an unbatched per-option reference, and on models whose answers are rigged."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from xpert_dist.data.sources import load_records
+from xpert_dist.errors import ConfigError
+from xpert_dist.eval.multiple_choice import (ChoiceItem, casehold_items, choice_accuracy, pubmedqa_items,
+                                             score_items)
+
+
+def reference_scores(model, tok, items, max_len):
+    """One unpadded forward per option; float64 log-softmax; the same left truncation rule."""
+    out = []
+    with torch.no_grad():
+        for item in items:
+            ctx = tok.encode(item.prompt)
+            row = []
+            for opt in item.options:
+                cont = tok.encode(item.delimiter + opt)[-max_len:]  # an over-long option keeps its end
+                full = (ctx + cont)[-(max_len + 1):]
+                logits = model(input_ids=torch.tensor([full[:-1]])).logits[0].double()
+                logp = torch.log_softmax(logits, -1)
+                n = len(cont)
+                positions = range(len(full) - 1 - n, len(full) - 1)
+                row.append(sum(float(logp[p, full[p + 1]]) for p in positions))
+            out.append(row)
+    return out
+
+
+def argmax(xs):
+    return max(range(len(xs)), key=lambda j: (xs[j], -j))
+
+
+@pytest.fixture
+def items(sample_data):
+    pub = pubmedqa_items(load_records("pubmedqa").select(range(3)))
+    case = casehold_items(load_records("casehold").select(range(2)))
+    short = [ChoiceItem("The sky is", ("blue", "green", "a very long option text"), 0)]
+    return pub + case + short
+
+
+def test_task_items_from_records(sample_data):
+    raw = [json.loads(x) for x in (sample_data / "health/pubmedqa_test.jsonl").read_text().splitlines()[:4]]
+    pub = pubmedqa_items(load_records("pubmedqa").select(range(4)))
+    for r, it in zip(raw, pub):
+        assert it.prompt == f"Abstract: {r['context']}\nQuestion: {r['question']}\nAnswer:"
+        assert it.options == ("yes", "no", "maybe") and it.options[it.label] == r["answer"]
+    ds = Dataset.from_dict({"id": ["1", "2"], "context": ["See Smith (holding x). Also Doe, 1 U.S. 2 (<HOLDING>). More.",
+                                                         "No marker here. "],
+                            "endings": [["a", "b", "c", "d", "e"]] * 2, "label": [3, 0]})
+    marked, unmarked = casehold_items(ds)
+    assert marked.prompt == "See Smith (holding x). Also Doe, 1 U.S. 2 (" and marked.label == 3
+    assert unmarked.prompt == "No marker here. (" and unmarked.options == ("a", "b", "c", "d", "e")
+    with pytest.raises(ConfigError, match="answer 'perhaps'"):
+        pubmedqa_items(Dataset.from_dict({"id": ["9"], "question": ["q"], "context": ["c"], "answer": ["perhaps"]}))
+
+
+def test_batched_equals_unbatched_reference(tiny_model, tiny_model64, tok, items):
+    max_len = 192  # the task prompts are longer: left truncation is exercised; the short item is not cut
+    ref64 = reference_scores(tiny_model64, tok, items, max_len)
+    got64 = score_items(tiny_model64, tok, items, batch_size=3, max_len=max_len, progress=False)
+    assert [len(r) for r in got64] == [len(it.options) for it in items]
+    for r, g in zip(ref64, got64):
+        assert all(abs(a - b) < 1e-8 for a, b in zip(r, g))
+    got32 = score_items(tiny_model, tok, items, batch_size=4, max_len=max_len, progress=False)
+    for r, g in zip(ref64, got32):  # float32 model, batched and padded, vs the float64 reference
+        assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for a, b in zip(r, g))
+        assert argmax(r) == argmax(g)
+    res = choice_accuracy(tiny_model64, tok, items, batch_size=2, max_len=max_len, progress=False)
+    expected = sum(argmax(r) == it.label for r, it in zip(ref64, items)) / len(items)
+    normed = [[s / len(o) for s, o in zip(r, it.options)] for r, it in zip(ref64, items)]
+    expected_norm = sum(argmax(r) == it.label for r, it in zip(normed, items)) / len(items)
+    assert res == {"acc": expected, "acc_norm": expected_norm, "n": len(items)}
+
+
+def test_batch_size_does_not_change_scores(tiny_model, tok, items):
+    one = score_items(tiny_model, tok, items, batch_size=1, max_len=64, progress=False)
+    many = score_items(tiny_model, tok, items, batch_size=len(items), max_len=64, progress=False)
+    assert all(abs(a - b) < 1e-4 for r, g in zip(one, many) for a, b in zip(r, g))
+
+
+class Rigged(torch.nn.Module):
+    """Logits that ignore the input: ``boost`` on the favoured token ids, 0 elsewhere (vocab 256)."""
+
+    def __init__(self, favoured: bytes, boost: float = 20.0):
+        super().__init__()
+        self.bias = torch.zeros(256)
+        self.bias[list(favoured)] = boost
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, 256).clone())
+
+
+def pubmed_like(labels):
+    return [ChoiceItem(f"Question {i}?\nAnswer:", ("yes", "no", "maybe"), lab) for i, lab in enumerate(labels)]
+
+
+def test_rigged_model_picks_the_forced_answer(tok):
+    items = pubmed_like([1, 1, 0, 2, 1, 0])  # "no" is right for 3 of 6
+    res = choice_accuracy(Rigged(b" no"), tok, items, batch_size=4, progress=False)
+    assert res == {"acc": 0.5, "acc_norm": 0.5, "n": 6}
+    res = choice_accuracy(Rigged(b" yes"), tok, items, batch_size=4, progress=False)
+    assert res["acc"] == pytest.approx(2 / 6)
+    scores = score_items(Rigged(b" no"), tok, items[:1], progress=False)[0]
+    assert scores[1] == pytest.approx(3 * -math.log(3 + 253 * math.exp(-20)), abs=1e-5)
+
+
+def test_acc_norm_divides_by_option_characters(tok):
+    # Uniform logits: every token costs log(256), so acc picks the fewest tokens (" no", 3) while
+    # acc_norm picks the best cost per character: " maybe" 6/5 < " yes" 4/3 < " no" 3/2.
+    items = pubmed_like([1, 1, 2])
+    res = choice_accuracy(Rigged(b""), tok, items, progress=False)
+    assert res == {"acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1 / 3), "n": 3}
+    scores = score_items(Rigged(b""), tok, items[:1], progress=False)[0]
+    assert scores == pytest.approx([-4 * math.log(256), -3 * math.log(256), -6 * math.log(256)])
+
+
+def test_errors(tiny_model, tok):
+    with pytest.raises(ConfigError, match="no items"):
+        choice_accuracy(tiny_model, tok, [], progress=False)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        choice_accuracy(tiny_model, tok, pubmed_like([0]), batch_size=0, progress=False)

@@ -1,0 +1,90 @@
+"""Closed-form scores against explicit per-entry formulas; validation errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xpert_dist.errors import StatisticsError
+from xpert_dist.maths.scores import (
+    check_finite,
+    ema_scores,
+    foresight_scores,
+    magnitude_scores,
+    wanda_scores,
+)
+
+
+@pytest.fixture()
+def Ud():
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    X = torch.randn(11, 7, dtype=torch.float64, generator=g)
+    return U, X
+
+
+def test_magnitude_and_wanda_formulas(Ud):
+    U, X = Ud
+    d = X.square().sum(0)
+    mag = magnitude_scores(U)
+    wan = wanda_scores(U, d)
+    for j in range(U.shape[0]):
+        for i in range(U.shape[1]):
+            col = math.sqrt(sum(float(x) ** 2 for x in X[:, i]))
+            assert mag[j, i].item() == abs(U[j, i].item())
+            assert math.isclose(wan[j, i].item(), abs(U[j, i].item()) * col, rel_tol=1e-13)
+
+
+def test_foresight_formula_and_default_c(Ud):
+    U, X = Ud
+    d = X.square().sum(0)
+    c = torch.rand(U.shape[0], dtype=torch.float64) + 0.1
+    fs = foresight_scores(U, d, c)
+    for j in range(U.shape[0]):
+        for i in range(U.shape[1]):
+            # squared output change of a consumer with column norm² c_j when U[j,i] is zeroed
+            want = float((X[:, i] * U[j, i]).square().sum()) * float(c[j])
+            assert math.isclose(fs[j, i].item(), want, rel_tol=1e-12)
+    assert torch.allclose(foresight_scores(U, d), wanda_scores(U, d).square(), rtol=1e-12)
+
+
+def test_ema():
+    a = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    b = torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
+    assert torch.equal(ema_scores(a, None, 0.5), a)
+    assert torch.allclose(ema_scores(a, b, 0.5), torch.tensor([2.0, 1.0, 4.0], dtype=torch.float64))
+    assert torch.allclose(ema_scores(a, b, 0.25), 0.25 * a + 0.75 * b)
+    assert torch.equal(ema_scores(a, b, 1.0), a)
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(StatisticsError, match="eta"):
+            ema_scores(a, b, bad)
+    with pytest.raises(StatisticsError, match="shape"):
+        ema_scores(a, b[:2], 0.5)
+    with pytest.raises(StatisticsError, match="previous"):
+        ema_scores(a, torch.tensor([1.0, float("inf"), 0.0], dtype=torch.float64), 0.5)
+
+
+def test_validation_errors(Ud):
+    U, X = Ud
+    d = X.square().sum(0)
+    with pytest.raises(StatisticsError, match="my_stat"):
+        check_finite("my_stat", torch.tensor([1.0, float("nan")]))
+    check_finite("ints are fine", torch.tensor([1, 2]))
+    bad = d.clone()
+    bad[2] = float("nan")
+    with pytest.raises(StatisticsError, match=r"\bd\b.*non-finite"):
+        wanda_scores(U, bad)
+    with pytest.raises(StatisticsError, match="length 7"):
+        wanda_scores(U, d[:6])
+    with pytest.raises(StatisticsError, match="negative"):
+        wanda_scores(U, -d)
+    with pytest.raises(StatisticsError, match="c must"):
+        foresight_scores(U, d, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(StatisticsError, match="2-D"):
+        magnitude_scores(U[0])
+    Ubad = U.clone()
+    Ubad[0, 0] = float("inf")
+    with pytest.raises(StatisticsError, match="U"):
+        foresight_scores(Ubad, d)

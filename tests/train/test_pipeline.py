@@ -1,0 +1,144 @@
+"""The training pipeline end to end on a tiny random Llama (single process): export, sparsity,
+resume, and bad input refused before any expensive work."""
+import json
+import time
+
+import pytest
+import torch
+
+from xpert_dist.config import config_from_dict
+from xpert_dist.errors import ConfigError, XpertError
+from xpert_dist.train import pipeline
+
+from helpers import SHARED_DATA
+
+
+def tiny_cfg(out, **sections):
+    base = {
+        "name": "tiny", "output_dir": str(out),
+        "model": {"tiny": {}},
+        "data": {"train": str(SHARED_DATA / "health" / "medquad_train.jsonl"), "seq_len": 32,
+                 "max_train_samples": 48, "calib_samples": 8},
+        "train": {"max_steps": 6, "batch_size": 2, "lr": 1e-3},
+        "prune": {"sparsity": 0.5, "schedule": "steps", "prune_every": 3},
+        "eval": {"perplexity_windows": 2, "perplexity_seq_len": 32, "tasks": []},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(base)
+
+
+def test_export_reloads_with_exact_sparsity(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tmp_path / "run")
+    res = pipeline.run(cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    assert len(masks) == 14
+    sd = model.state_dict()
+    for name, keep in masks.items():
+        W = sd[f"{name}.weight"]
+        assert int((~keep).sum()) == round(0.5 * keep.numel()), name
+        assert float(W[~keep].abs().max()) == 0.0, f"{name} re-densified"
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert set(man["mask_sha256"]) == set(masks)
+    assert man["data_sha256"] and man["versions"]["torch"].startswith("2.13")
+    assert (tmp_path / "run" / "report.md").is_file()
+    assert "perplexity" in " ".join(res["metrics"])
+    assert len(res["loss_history"]) == 6 and res["prune_steps"] == [3]
+
+
+def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
+    """A run stopped after step 4 and resumed ends with the masks and weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from xpert_dist.launch import signals
+
+    ref = pipeline.run(tiny_cfg(tmp_path / "ref"), progress=False)
+    cfg = tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 2})
+    calls = {"n": 0}
+    real = signals.stop_requested
+
+    def stop_after_four(sync=True):
+        calls["n"] += 1
+        return calls["n"] >= 4 or real(sync=False)
+    monkeypatch.setattr(signals, "stop_requested", stop_after_four)
+    with pytest.raises(signals.Preempted):
+        pipeline.run(cfg, progress=False)
+    monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
+    signals.reset()
+    res = pipeline.run(cfg, progress=False)
+    a = load_file(str(tmp_path / "ref" / "masks.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "masks.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    wa = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    assert [s for s, _ in res["loss_history"]] == list(range(1, 7))
+    assert res["loss_history"] == ref["loss_history"]
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"data": {"train": "/nonexistent/train.jsonl"}}, "does not exist"),
+    ({"data": {"seq_len": 100000}}, "seq_len"),
+    ({"lora": {"target_modules": ["q_proj", "c_attn"]}}, "target_modules"),
+])
+def test_bad_input_fails_fast(tmp_path, sections, match):
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=match):
+        pipeline.run(tiny_cfg(tmp_path / "run", **sections), progress=False)
+    assert time.perf_counter() - t0 < 20
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty|no "):
+        pipeline.run(tiny_cfg(tmp_path / "run", data={"train": str(empty)}), progress=False)
+
+
+def test_ds_config_contradicting_run_config(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        pipeline.run(tiny_cfg(tmp_path / "run", ds_config=str(ds)), progress=False)
+
+
+def test_sparsity_one_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="prune.sparsity"):
+        tiny_cfg(tmp_path, prune={"sparsity": 1.0})
+
+
+def test_interrupted_export_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    """A crash while writing the model keeps the earlier export intact and leaves no partial dir."""
+    from transformers import PreTrainedModel
+
+    cfg = tiny_cfg(tmp_path / "run")
+    pipeline.run(cfg, progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "model").iterdir())
+    real = PreTrainedModel.save_pretrained
+
+    def crash(self, path, *a, **k):
+        real(self, path, *a, **k)
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.run(tiny_cfg(tmp_path / "run", prune={"sparsity": 0.25}), progress=False)
+    after = sorted(p.name for p in (tmp_path / "run" / "model").iterdir())
+    assert before == after
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and "model" in p.name]
+
+
+@pytest.mark.parametrize("method, schedule", [("none", "steps"), ("wanda", "final_only"),
+                                              ("wanda", "before_training"), ("sparsegpt", "final_only"),
+                                              ("magnitude", "steps")])
+def test_baselines_through_same_entry_point(tmp_path, method, schedule):
+    cfg = tiny_cfg(tmp_path / "run", prune={"method": method, "schedule": schedule, "pbs": "off"})
+    res = pipeline.run(cfg, progress=False)
+    if method == "none":
+        assert res["sparsity"] == {}
+    else:
+        assert len(res["sparsity"]) == 14 and all(abs(v - 0.5) < 0.01 for v in res["sparsity"].values())

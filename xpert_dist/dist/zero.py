@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-3 mechanics used by the distributed context (imported lazily: DeepSpeed optional).
+
+* ``is_zero3_param(p)``: the parameter is partitioned by ZeRO-3 (it has ``ds_id``).
+* ``suspended_zero_hooks(module)``: run plain forwards of a (gathered) module without DeepSpeed's
+  per-submodule fetch/release hooks. Those hooks all-gather on a submodule's first use and
+  partition again after it, and, once a trace of the training forward exists, prefetch the
+  parameters of the *next* modules of that trace. Calibration runs a different, rank-dependent
+  number of block forwards (ranks hold different numbers of batches), so with the hooks active the
+  ranks' collectives would not match (hang) and the coordinator would raise "tracing error". The
+  context removes exactly the hooks defined in DeepSpeed's sources from every submodule and puts
+  them back, in their original order, on exit; the block's weights are materialised explicitly
+  with ``GatheredParameters`` meanwhile.
+* ``set_partition(param, value)``: write the local ZeRO-3 partition (``ds_tensor``) of a full value.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+
+_DS_MARK = os.sep + "deepspeed" + os.sep
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def is_zero3_param(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def has_zero3_params(params: Iterable) -> bool:
+    return any(is_zero3_param(p) for p in params)
+
+
+def _is_deepspeed_hook(hook) -> bool:
+    fn = hook
+    for _ in range(4):  # unwrap functools.partial / bound methods
+        fn = getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
+    code = getattr(fn, "__code__", None)
+    return bool(code is not None and _DS_MARK in code.co_filename)
+
+
+@contextlib.contextmanager
+def suspended_zero_hooks(module: nn.Module):
+    """Temporarily remove DeepSpeed's forward hooks from ``module`` and all its submodules."""
+    removed: list[tuple[dict, list, dict]] = []
+    for m in module.modules():
+        for attr in _HOOK_DICTS:
+            d = getattr(m, attr, None)
+            if not d:
+                continue
+            order = list(d.keys())
+            ds = {k: h for k, h in d.items() if _is_deepspeed_hook(h)}
+            if ds:
+                for k in ds:
+                    del d[k]
+                removed.append((d, order, ds))
+    try:
+        yield
+    finally:
+        for d, order, ds in reversed(removed):
+            current = dict(d)
+            d.clear()
+            for k in order:  # original order, then hooks added meanwhile
+                if k in ds:
+                    d[k] = ds[k]
+                elif k in current:
+                    d[k] = current.pop(k)
+            d.update(current)
+
+
+def gathered_state(p) -> str:
+    """``"AVAILABLE"``, ``"NOT_AVAILABLE"`` or ``"INFLIGHT"`` for a ZeRO-3 parameter."""
+    st = getattr(p, "ds_status", None)
+    return getattr(st, "name", str(st))
+
+
+def partition_range(param) -> tuple[int, int]:
+    """(offset, count) of this rank's slice of the flattened full parameter (count may be < partition size)."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    psize = part.ds_numel if hasattr(part, "ds_numel") else part.numel()
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if group is not None else dist.get_rank()
+    offset = psize * rank
+    return offset, max(0, min(psize, param.ds_numel - offset))
+
+
+@torch.no_grad()
+def set_partition(param, value: torch.Tensor) -> None:
+    """Copy this rank's slice of ``value`` (full shape) into the ZeRO-3 partition ``param.ds_tensor``."""
+    flat = value.reshape(-1)
+    offset, count = partition_range(param)
+    part = param.ds_tensor.data.reshape(-1)
+    if count:
+        part[:count].copy_(flat[offset:offset + count].to(part.dtype))
+    if count < part.numel():
+        part[count:].zero_()
