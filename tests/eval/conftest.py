@@ -2,10 +2,21 @@
 import copy
 
 import pytest
+import torch
 
 from xpert_dist.config import ModelConfig
 from xpert_dist.data.sources import SAMPLE_DIR
 from xpert_dist.models.loading import ByteTokenizer, load_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared, loaded CPU two threads per process
+    oversubscribe it (measured 30x slower); restored after each test so no other test is affected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

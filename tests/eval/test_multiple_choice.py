@@ -125,3 +125,15 @@ def test_errors(tiny_model, tok):
         choice_accuracy(tiny_model, tok, [], progress=False)
     with pytest.raises(ConfigError, match="batch_size=0"):
         choice_accuracy(tiny_model, tok, pubmed_like([0]), batch_size=0, progress=False)
+
+
+def test_peft_wrapped_model_scores_like_its_base(tiny_model, tok):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    items = pubmed_like([0, 1]) + [ChoiceItem("Holding: (", ("a", "bb"), 1, delimiter="")]
+    wrapped = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    base = score_items(tiny_model, tok, items, progress=False)
+    got = score_items(wrapped, tok, items, progress=False)  # adapter B is zero at init
+    assert all(abs(a - b) < 1e-5 for r, g in zip(base, got) for a, b in zip(r, g))

@@ -34,11 +34,21 @@ def has_zero3_params(params: Iterable) -> bool:
 
 
 def _is_deepspeed_hook(hook) -> bool:
+    """Whether a module hook was defined by DeepSpeed (seen through functools.wraps / partial /
+    torch._dynamo.disable wrappers: by ``__module__`` or by the source file of the innermost code)."""
     fn = hook
-    for _ in range(4):  # unwrap functools.partial / bound methods
-        fn = getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
-    code = getattr(fn, "__code__", None)
-    return bool(code is not None and _DS_MARK in code.co_filename)
+    for _ in range(8):
+        mod = getattr(fn, "__module__", None) or ""
+        code = getattr(fn, "__code__", None)
+        if mod == "deepspeed" or mod.startswith("deepspeed."):
+            return True
+        if code is not None and _DS_MARK in code.co_filename:
+            return True
+        nxt = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None) or getattr(fn, "__func__", None)
+        if nxt is None or nxt is fn:
+            return False
+        fn = nxt
+    return False
 
 
 @contextlib.contextmanager

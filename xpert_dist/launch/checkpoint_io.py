@@ -162,8 +162,9 @@ def read_checksums(directory: str | Path) -> dict:
                               f"by write_atomic_dir")
     try:
         data = json.loads(path.read_text())
-        files = data["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(data.get("files"), dict):
+            raise TypeError("no 'files' mapping")
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {directory}: unreadable {CHECKSUMS}: {e}") from e
     return data
 
@@ -237,17 +238,35 @@ def latest_complete(checkpoints_root: str | Path, *, verify: bool = False) -> Pa
 
 
 def prune_old(checkpoints_root: str | Path, keep: int = 2) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints and stale hidden temp dirs; return what was removed."""
+    """Delete older checkpoints, keeping the newest ``keep`` that pass the quick check (presence
+    and sizes), and stale hidden temp dirs; return what was removed.
+
+    A damaged checkpoint never counts towards ``keep``, so the one `latest_complete` would
+    resume from is never deleted; damaged ones newer than the kept ones are left for inspection.
+    """
     root = Path(checkpoints_root)
-    removed = []
+    removed: list[Path] = []
     complete = complete_checkpoints(root)
-    for path in complete[:-keep] if keep > 0 else complete:
+    valid = []
+    for p in complete:
+        try:
+            verify_dir(p, quick=True)
+            valid.append(p)
+        except CheckpointError:
+            pass
+    kept = valid[-keep:] if keep > 0 else []
+    if kept:
+        oldest_kept = complete.index(kept[0])
+        doomed = [p for p in complete[:oldest_kept] if p not in kept]
+    else:
+        doomed = [p for p in complete if p in valid]
+    for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if root.is_dir():
         for p in root.iterdir():
             if p.is_dir() and (p.name.startswith(OLD_PREFIX) or p.name.startswith(TMP_PREFIX)):
-                # temp dirs of a crashed writer; a live writer in this process would be racing us
+                # temp dirs of a crashed writer (call this only when no writer is active)
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

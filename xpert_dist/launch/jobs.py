@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -128,10 +129,26 @@ class Outcome:
 
 
 def _state(job) -> str:
+    """SLURM's state of the job (a fresh sacct query; submitit's cached one lags)."""
     try:
-        return str(job.state)
+        return str(job.watcher.get_state(job.job_id, mode="force"))
     except Exception:  # noqa: BLE001 - accounting hiccups must not hide the result
-        return "UNKNOWN"
+        try:
+            return str(job.state)
+        except Exception:  # noqa: BLE001
+            return "UNKNOWN"
+
+
+_DEAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Preempted|Failure)\b.*")
+
+
+def _summarise(exc: BaseException) -> str:
+    """One line: the remote exception of a FailedJobError, or the head of other errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    remote = [ln for ln in lines if _EXC_LINE.match(ln)]
+    text = remote[-1] if remote else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"
 
 
 def failure_reason(job, lines: int = 30) -> str:
@@ -155,15 +172,20 @@ def collect(job, label: str = "", all_tasks: bool = False, lines: int = 30) -> O
     """Result of a finished job as an `Outcome` (never raises for job failures)."""
     out = Outcome(job_id=str(job.job_id), label=label, ok=False,
                   paths={"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+    state = _state(job)
+    if state.split()[0] in _DEAD and hasattr(job, "_results_timeout_s"):
+        # SLURM says the job is over and it failed: do not wait submitit's 15 s for a result
+        # pickle that will most likely never come (the log tail below gives the reason)
+        job._results_timeout_s = min(job._results_timeout_s, 3)  # noqa: SLF001
     try:
         out.result = job.results() if all_tasks else job.result()
         out.ok = True
     except Exception as e:  # noqa: BLE001 - FailedJobError, UncompletedJobError, ...
-        msg = str(e).strip().splitlines()
-        # submitit's message holds the remote traceback: keep its head and the final line
-        out.error = f"{type(e).__name__}: " + (msg[-1] if msg else "")
+        out.error = _summarise(e)
         out.log_tail = failure_reason(job, lines)
-    out.state = _state(job)
+    out.state = _state(job) if not out.ok else state
+    if not out.ok and out.state in ("RUNNING", "COMPLETING", "UNKNOWN"):
+        out.state = "FAILED (exception in the job)"
     return out
 
 
@@ -172,7 +194,7 @@ def format_failure(o: Outcome) -> str:
     return head + ("\n" + o.log_tail if o.log_tail else "")
 
 
-def wait_and_report(jobs: Sequence, labels: Sequence[str] | None = None, *, poll_s: float = 1.0,
+def wait_and_report(jobs: Sequence, labels: Sequence[str] | None = None, *, poll_s: float = 2.0,
                     timeout_s: float | None = None, all_tasks: bool = False, lines: int = 30,
                     stream: TextIO | None = None) -> list[Outcome]:
     """Wait for ``jobs``; report each as soon as it ends (failures with the reason from its log).
@@ -187,6 +209,14 @@ def wait_and_report(jobs: Sequence, labels: Sequence[str] | None = None, *, poll
     outcomes: dict[int, Outcome] = {}
     start = time.monotonic()
     while pending:
+        # submitit refreshes its sacct view every max(2 s, half the job's age): force it so that a
+        # job that died without a result is reported within poll_s (one sacct call for all jobs)
+        watchers = {id(w): w for w in (getattr(j, "watcher", None) for j in pending.values()) if w is not None}
+        for w in watchers.values():
+            try:
+                w.update_if_long_enough(mode="force")
+            except Exception:  # noqa: BLE001 - accounting hiccup: submitit retries later
+                pass
         for i, job in list(pending.items()):
             if job.done():
                 o = collect(job, labels[i], all_tasks=all_tasks, lines=lines)

@@ -8,43 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
-def _skip_shm_op_build() -> None:
-    """DeepSpeed JIT-builds a shared-memory comm op on every CPU init (~35 s) that training never uses."""
-    try:
-        import deepspeed.comm.torch  # noqa: F401
-
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def init_distributed(cfg: RunConfig, dist_env) -> None:
+    """Process group for multi-rank or DeepSpeed runs (gloo on CPU, nccl on GPU); no-op otherwise."""
     import torch
 
-    need = dist_env.world_size > 1 or cfg.ds_config is not None
-    if not need:
+    if dist_env.world_size == 1 and cfg.ds_config is None:
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if cfg.ds_config is not None:
-        _skip_shm_op_build()
-        import deepspeed
+    from ..dist.comm import init_distributed as init_pg
 
-        deepspeed.init_distributed(dist_backend=backend)
-    else:
-        import torch.distributed as dist
-
-        dist.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist_env.local_rank)
+    init_pg(use_deepspeed=cfg.ds_config is not None)
 
 
 def setup_logging(rank: int) -> None:

@@ -31,6 +31,14 @@ def _mean_sparsity(sparsity: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _fmt_or_dash(key: str, value) -> str:
+    return "-" if value is None else fmt_value(key, value)
+
+
+def _model_name(cfg: dict) -> str | None:
+    return "tiny random Llama" if get_path(cfg, "model.tiny") is not None else get_path(cfg, "model.name_or_path")
+
+
 def _kv_table(values: dict) -> str:
     return md_table(["key", "value"], [[k, fmt_value(k, v)] for k, v in values.items()])
 
@@ -41,8 +49,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     res = load_results(run_dir)
     cfg = res["config"]
     out = [f"# Run `{res['name']}`", ""]
-    summary = [[label, fmt_value(label, get_path(cfg, key))] for label, key in SUMMARY_FIELDS
-               if get_path(cfg, key) is not None]
+    summary = [[label, _model_name(cfg) if label == "model" else fmt_value(label, get_path(cfg, key))]
+               for label, key in SUMMARY_FIELDS if get_path(cfg, key) is not None]
     if summary:
         out += [md_table(["setting", "value"], summary), ""]
 
@@ -123,8 +131,8 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, ref
     summary = []
     for r in runs:
         c = r["config"]
-        summary.append([r["name"], get_path(c, "prune.method", "?"), fmt_value("sparsity", get_path(c, "prune.sparsity")),
-                        fmt_value("sparsity", _mean_sparsity(r["sparsity"])), get_path(c, "prune.schedule", "?")])
+        summary.append([r["name"], get_path(c, "prune.method", "?"), _fmt_or_dash("sparsity", get_path(c, "prune.sparsity")),
+                        _fmt_or_dash("sparsity", _mean_sparsity(r["sparsity"])), get_path(c, "prune.schedule", "?")])
     out += [md_table(["run", "method", "target sparsity", "measured (mean)", "schedule"], summary), ""]
 
     retained: dict[str, dict[str, float]] = {}
@@ -175,8 +183,7 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, ref
     cost_keys = list(dict.fromkeys([f"timing.{k}" for r in runs for k in r["timing"]]
                                    + [f"memory.{k}" for r in runs for k in r["memory"]]))
     if cost_keys:
-        rows = [[r["name"]] + [fmt_value(k, get_path(r, k)) if get_path(r, k) is not None else "-"
-                               for k in cost_keys] for r in runs]
+        rows = [[r["name"]] + [_fmt_or_dash(k, get_path(r, k)) for k in cost_keys] for r in runs]
         out += [md_table(["run"] + cost_keys, rows), ""]
     else:
         out += ["_No timing or memory recorded._", ""]

@@ -36,14 +36,9 @@ def peak_rss_mb() -> float:
 
 def make_context(zero3: bool) -> DistContext:
     """The DistContext for this process: multi-rank/ZeRO-3 aware when torch.distributed is up."""
-    import torch.distributed as dist
+    from ..dist.context import from_environment
 
-    if dist.is_available() and dist.is_initialized():
-        from ..dist import context as dctx
-
-        if hasattr(dctx, "TorchDistContext"):
-            return dctx.TorchDistContext(zero3=zero3)
-    return DistContext()
+    return from_environment(zero3=zero3)
 
 
 def preflight(cfg: RunConfig, world_size: int) -> dict | None:
