@@ -28,7 +28,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else __doc__,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["xpert_dist", "xpert_dist.*"]),
-    package_data={"xpert_dist": ["data/samples/*", "plan/model_configs/*.json", "configs/*.yaml"]},
+    package_data={"xpert_dist": ["data/samples/*", "data/samples/*/*", "plan/model_configs/*.json", "configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=REQUIRES,
     extras_require={

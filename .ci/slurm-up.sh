@@ -104,6 +104,8 @@ MpiDefault=none
 SwitchType=switch/none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# look at pending jobs every 2 s (defaults 60 s / 30 s): a requeued job restarts right after cred_expire
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
@@ -189,6 +191,7 @@ if ! running "$PIDDIR/slurmctld.pid"; then
 fi
 retry 30 slurmctld scontrol ping || die "slurmctld does not answer (see $LOGDIR/slurmctld.log)"
 running "$PIDDIR/slurmd.pid" || slurmd -N "$NODE"
+retry 30 "slurmd pid file" running "$PIDDIR/slurmd.pid" || die "slurmd did not start (see $LOGDIR/slurmd.log)"
 say "slurmctld pid $(cat "$PIDDIR/slurmctld.pid"), slurmd pid $(cat "$PIDDIR/slurmd.pid")"
 
 # ---------------------------------------------------------------- 6. node ready

@@ -28,7 +28,7 @@ def settings(quick: bool) -> dict:
     """Token budgets: the full benchmark, or a smoke run (--quick) with its own cache and outputs."""
     if quick:
         return {"name": "oneshot_quick", "calib_samples": 8, "calib_len": 256, "eval_windows": 4, "eval_len": 256}
-    return {"name": "oneshot", "calib_samples": 128, "calib_len": 512, "eval_windows": 32, "eval_len": 512}
+    return {"name": "oneshot", "calib_samples": 128, "calib_len": 512, "eval_windows": 16, "eval_len": 512}
 
 
 def cache_dir(quick: bool) -> Path:

@@ -7,10 +7,12 @@ sparsity (and N:M validity) is measured here, the same way for every implementat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,6 +53,10 @@ def main() -> None:
         if args.pattern != "unstructured":
             n, m = (int(x) for x in args.pattern.split(":"))
             result["nm_violations"] = sum(nm_violations(pruned[k], n, m) for k in names)
+        digest = hashlib.sha256()
+        for k in names:  # the masks (non-zero pattern) of all pruned matrices, in a fixed order
+            digest.update(np.packbits((pruned[k] != 0).numpy().ravel()).tobytes())
+        result["mask_sha256"] = digest.hexdigest()
         missing, unexpected = model.load_state_dict(pruned, strict=False)
         assert not unexpected, unexpected
     result["ppl"], result["eval_seconds"] = {}, {}

@@ -15,8 +15,11 @@ def planned_cells(calibs) -> list[dict]:
     cells = [{"calib": None, "pattern": None, "impl": "ours", "method": "dense"}]
     for calib in calibs:
         for pattern in common.PATTERNS:
-            cells += [{"calib": calib, "pattern": pattern, "impl": "ours", "method": m} for m in common.OUR_METHODS]
+            # the methods both implement first (the comparison is the headline), then ours alone
+            cells += [{"calib": calib, "pattern": pattern, "impl": "ours", "method": m} for m in common.LLMC_METHODS]
             cells += [{"calib": calib, "pattern": pattern, "impl": "llmc", "method": m} for m in common.LLMC_METHODS]
+            cells += [{"calib": calib, "pattern": pattern, "impl": "ours", "method": m} for m in common.OUR_METHODS
+                      if m not in common.LLMC_METHODS]
     for c in cells:
         c["key"] = common.cell_key(c["calib"], c["pattern"], c["impl"], c["method"])
     return cells
@@ -50,7 +53,7 @@ def build(quick: bool) -> dict:
         row["status"] = "done" if c else "not run"
         if c:
             for k in ("ppl", "prune_seconds", "prune_cpu_seconds", "peak_rss_mib", "sparsity_mean", "nm_violations", "load_avg",
-                      "versions"):
+                      "versions", "mask_sha256"):
                 row[k] = c.get(k)
             if dense and plan["method"] != "dense":
                 row["ppl_vs_dense_pct"] = {n: _pct(c["ppl"][n], dense["ppl"][n]) for n in common.EVALS}
@@ -125,6 +128,14 @@ def markdown(res: dict) -> str:
                      f"({c['cpu_time_ratio_ours_over_theirs']:.2f}) | "
                      f"{c['rss_ratio_ours_over_theirs']:.2f} | {dp['wikitext2']:+.2f}% | {dp['medquad']:+.2f}% | "
                      f"{'met' if c['meets_goal'] else 'NOT met'} |")
+    same: dict[str, list[str]] = {}
+    for r in res["cells"]:
+        if r.get("mask_sha256"):
+            same.setdefault(r["mask_sha256"], []).append(f"{r['method']} ({IMPL_NAME[r['impl']]}, {r['calib']}, "
+                                                         f"{r['pattern']})")
+    dup = [v for v in same.values() if len(v) > 1]
+    if dup:
+        lines += ["", "Bit-identical masks (all 210 matrices): " + "; ".join(" = ".join(v) for v in dup) + "."]
     lines += ["", "Δppl = ours / theirs − 1 (negative: ours is better). Load avg: the machine's 1-minute load "
               "average at the start and end of the prune (2 cores, shared): timings under load > 2 are noisy.", ""]
     return "\n".join(lines)

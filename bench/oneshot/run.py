@@ -75,7 +75,8 @@ def run_cell(cell: dict, quick: bool) -> dict:
     e = common.read_json(work / f"{key}.eval.json")
     result.update(ppl=e["ppl"], eval_seconds=e["eval_seconds"], windows=e["windows"],
                   sparsity_mean=e.get("sparsity_mean"), sparsity_min=e.get("sparsity_min"),
-                  sparsity_max=e.get("sparsity_max"), nm_violations=e.get("nm_violations"))
+                  sparsity_max=e.get("sparsity_max"), nm_violations=e.get("nm_violations"),
+                  mask_sha256=e.get("mask_sha256"))
     weights.unlink(missing_ok=True)  # ~430 MB each; the cell's numbers are what is kept
     return result
 

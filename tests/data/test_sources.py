@@ -53,7 +53,8 @@ def check_aliases(root: Path):
         else:
             assert text == rec["context"].rstrip() + f" ({holding})"
 
-    assert load_records("legal_heldout")["text"] == [r["text"] for r in raw_jsonl(root / "legal/multilegalpile_eval.jsonl")]
+    mlp = raw_jsonl(root / "legal/multilegalpile_eval.jsonl")
+    assert load_records("legal_heldout")["text"] == [r["text"] for r in mlp]
     assert load_records("pubmedqa")["id"] == [r["id"] for r in raw_jsonl(root / "health/pubmedqa_test.jsonl")]
     assert load_records("casehold")["label"] == [r["label"] for r in raw_jsonl(root / "legal/casehold_test.jsonl")]
 

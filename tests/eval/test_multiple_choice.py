@@ -50,14 +50,15 @@ def test_task_items_from_records(sample_data):
     for r, it in zip(raw, pub):
         assert it.prompt == f"Abstract: {r['context']}\nQuestion: {r['question']}\nAnswer:"
         assert it.options == ("yes", "no", "maybe") and it.options[it.label] == r["answer"]
-    ds = Dataset.from_dict({"id": ["1", "2"], "context": ["See Smith (holding x). Also Doe, 1 U.S. 2 (<HOLDING>). More.",
-                                                         "No marker here. "],
-                            "endings": [["a", "b", "c", "d", "e"]] * 2, "label": [3, 0]})
+    contexts = ["See Smith (holding x). Also Doe, 1 U.S. 2 (<HOLDING>). More.", "No marker here. "]
+    ds = Dataset.from_dict({"id": ["1", "2"], "context": contexts, "endings": [["a", "b", "c", "d", "e"]] * 2,
+                            "label": [3, 0]})
     marked, unmarked = casehold_items(ds)
     assert marked.prompt == "See Smith (holding x). Also Doe, 1 U.S. 2 (" and marked.label == 3
     assert unmarked.prompt == "No marker here. (" and unmarked.options == ("a", "b", "c", "d", "e")
     with pytest.raises(ConfigError, match="answer 'perhaps'"):
-        pubmedqa_items(Dataset.from_dict({"id": ["9"], "question": ["q"], "context": ["c"], "answer": ["perhaps"]}))
+        pubmedqa_items(Dataset.from_dict({"id": ["9"], "question": ["q"], "context": ["c"],
+                                          "answer": ["perhaps"]}))
 
 
 def test_batched_equals_unbatched_reference(tiny_model, tiny_model64, tok, items):

@@ -121,7 +121,8 @@ def test_helpers():
     assert parse_module("model.layers.11.mlp.down_proj") == (11, "down_proj")
     assert parse_module("base_model.model.model.layers.2.self_attn.q_proj.weight") == (2, "q_proj")
     assert parse_module("lm_head") is None
-    layers, modules, grid = sparsity_grid({"model.layers.1.mlp.up_proj": 0.3, "model.layers.0.self_attn.q_proj": 0.1})
+    layers, modules, grid = sparsity_grid({"model.layers.1.mlp.up_proj": 0.3,
+                                           "model.layers.0.self_attn.q_proj": 0.1})
     assert layers == [0, 1] and modules == ["q_proj", "up_proj"]
     assert grid[0][0] == 0.1 and grid[1][1] == 0.3 and grid[0][1] != grid[0][1]  # NaN where missing
     assert fmt_value("peak_bytes", 512 * 2**20) == "512.0 MiB" and fmt_value("x", 0.123456) == "0.1235"

@@ -142,3 +142,31 @@ def test_baselines_through_same_entry_point(tmp_path, method, schedule):
         assert res["sparsity"] == {}
     else:
         assert len(res["sparsity"]) == 14 and all(abs(v - 0.5) < 0.01 for v in res["sparsity"].values())
+
+
+def test_qlora_4bit_base_prunes_and_exports_dense_sparse(tmp_path):
+    """QLoRA: a 4-bit (NF4, bitsandbytes) base is scored dequantised, re-quantised with exact zeros,
+    and exported as a plain dense checkpoint with the exact target sparsity."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_model
+
+    src = tmp_path / "tiny_base"
+    tiny_model().save_pretrained(src)
+    cfg = tiny_cfg(tmp_path / "run", model={"tiny": None, "name_or_path": str(src), "quantization": "4bit"})
+    from xpert_dist.models.loading import ByteTokenizer
+    import xpert_dist.models.loading as loading
+
+    orig = loading.load_tokenizer
+    loading.load_tokenizer = lambda c: ByteTokenizer(256)
+    try:
+        pipeline.run(cfg, progress=False)
+    finally:
+        loading.load_tokenizer = orig
+    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    sd = model.state_dict()
+    for name, keep in masks.items():
+        assert int((~keep).sum()) == round(0.5 * keep.numel())
+        assert float(sd[f"{name}.weight"][~keep].abs().max()) == 0.0

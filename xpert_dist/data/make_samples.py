@@ -45,4 +45,5 @@ if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         raise SystemExit(__doc__)
     default_out = Path(__file__).resolve().parent / "samples"
-    print("total bytes:", make_samples(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else default_out))
+    out_dir = Path(sys.argv[2]) if len(sys.argv) == 3 else default_out
+    print("total bytes:", make_samples(Path(sys.argv[1]), out_dir))

@@ -226,6 +226,7 @@ class TorchDistContext(DistContext):
         self.zero3 = bool(zero3) if zero3 is not None else False
         self._gathered: dict[int, bool] = {}
         self._stat_owners: dict[str, int] = {}
+        self._round = 0  # reduce_stats calls so far (same on every rank)
         if activate:
             _sequential.activate(self)
 
@@ -377,6 +378,10 @@ class TorchDistContext(DistContext):
                 numel *= s
             sizes[k] = numel * torch.empty((), dtype=dtype).element_size()
         owners = assign_owners(sizes, self.world_size)
+        # rotate by the reduction's sequence number: the same block layout comes back every block,
+        # and without rotation one rank would own every block's largest statistic (and its EMA)
+        owners = {k: (r + self._round) % self.world_size for k, r in owners.items()}
+        self._round += 1
         self._stat_owners = dict(owners)
 
         totals: dict[str, torch.Tensor] = {}

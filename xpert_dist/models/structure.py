@@ -86,12 +86,55 @@ def lora_parts(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter, float] | 
     return module.lora_A[a].weight, module.lora_B[a].weight, float(module.scaling[a])
 
 
-def effective_weight(module: nn.Module, dtype=torch.float32) -> torch.Tensor:
-    """U = W + s·B·A as a new tensor (parameters must be materialised, e.g. inside a ZeRO-3 gather)."""
+def quantization_of(module: nn.Module) -> str | None:
+    """'4bit' / '8bit' when the base Linear is a bitsandbytes layer (QLoRA), else None."""
+    kind = type(getattr(base_linear(module), "weight", None)).__name__
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(kind)
+
+
+def base_weight(module: nn.Module, dtype=torch.float32) -> torch.Tensor:
+    """The base weight as a dense tensor (dequantised for bitsandbytes 4-bit/8-bit layers)."""
     W = base_linear(module).weight
+    q = quantization_of(module)
+    if q == "4bit":
+        import bitsandbytes.functional as bf
+
+        data, state = W.data, W.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # bnb repacks for its CPU kernel on first forward
+            data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+        return bf.dequantize_4bit(data, state).to(dtype)
+    if q == "8bit":
+        if getattr(W, "SCB", None) is None:
+            return W.data.to(dtype).clone()
+        return (W.CB.to(dtype) * W.SCB.to(dtype)[:, None] / 127.0)
     if W.numel() == 0:
         raise ModelStructureError("weight is partitioned (ZeRO-3): gather it before reading")
-    U = W.detach().to(dtype).clone()
+    return W.detach().to(dtype).clone()
+
+
+def set_base_weight(module: nn.Module, value: torch.Tensor, write) -> None:
+    """Replace the base weight by ``value`` (requantising bitsandbytes layers; NF4 and int8 keep
+    exact zeros); ``write(param, value)`` is the DistContext writer for ordinary weights."""
+    base = base_linear(module)
+    q = quantization_of(module)
+    if q is None:
+        write(base.weight, value)
+        return
+    import bitsandbytes as bnb
+
+    old = base.weight
+    if q == "4bit":
+        new = bnb.nn.Params4bit(value.to(torch.float32).contiguous(), requires_grad=False,
+                                quant_type=old.quant_type, blocksize=old.blocksize,
+                                compress_statistics=old.compress_statistics)
+    else:
+        new = bnb.nn.Int8Params(value.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
+    base.weight = new.to(old.device)
+
+
+def effective_weight(module: nn.Module, dtype=torch.float32) -> torch.Tensor:
+    """U = W + s·B·A as a new tensor (parameters must be materialised, e.g. inside a ZeRO-3 gather)."""
+    U = base_weight(module, dtype)
     parts = lora_parts(module)
     if parts is not None:
         A, B, s = parts

@@ -186,7 +186,7 @@ class Pruner:
                 r = results[n]
                 keep = r["keep"].bool()
                 weight = r.get("weight", inputs[n].U * keep)
-                ctx.write_frozen(st.base_linear(m).weight, weight)
+                st.set_base_weight(m, weight, ctx.write_frozen)
                 parts = st.lora_parts(m)
                 if parts is not None:
                     B = parts[1]

@@ -131,7 +131,8 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, ref
     summary = []
     for r in runs:
         c = r["config"]
-        summary.append([r["name"], get_path(c, "prune.method", "?"), _fmt_or_dash("sparsity", get_path(c, "prune.sparsity")),
+        summary.append([r["name"], get_path(c, "prune.method", "?"),
+                        _fmt_or_dash("sparsity", get_path(c, "prune.sparsity")),
                         _fmt_or_dash("sparsity", _mean_sparsity(r["sparsity"])), get_path(c, "prune.schedule", "?")])
     out += [md_table(["run", "method", "target sparsity", "measured (mean)", "schedule"], summary), ""]
 
@@ -151,8 +152,8 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, ref
     out += ["## Metrics", ""]
     metric_keys = list(dict.fromkeys(k for r in runs for k, v in r["metrics"].items() if metric_kind(k)))
     if metric_keys:
-        out += [md_table(["run"] + metric_keys, [[r["name"]] + [fmt_value(k, r["metrics"][k]) if k in r["metrics"] else "-"
-                                                               for k in metric_keys] for r in runs]), ""]
+        rows = [[r["name"]] + [_fmt_or_dash(k, r["metrics"].get(k)) for k in metric_keys] for r in runs]
+        out += [md_table(["run"] + metric_keys, rows), ""]
         panels = {r["name"]: {k: float(r["metrics"][k]) for k in metric_keys if k in r["metrics"]} for r in runs}
         if plots.plot_metric_panels(panels, out_dir / "compare_metrics.png"):
             out += ["![metrics](compare_metrics.png)", ""]

@@ -101,7 +101,8 @@ def get_path(tree: dict, dotted: str, default=None):
 
 
 def fmt_value(key: str, value) -> str:
-    """A table cell: bytes (``*bytes*``) and MiB (``*_mb``) as MiB/GiB, seconds with ``s``, floats with 4 significant digits."""
+    """A table cell: bytes (``*bytes*``) and MiB (``*_mb``) as MiB/GiB, seconds (``*_s``) with ``s``,
+    floats with 4 significant digits."""
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, (int, float)):

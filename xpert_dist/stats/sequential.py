@@ -171,6 +171,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                             outs.append(_run_block(block, h, kwargs, device).cpu())
                     on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
                     if recompute:
+                        outs = None  # free the stale outputs first: 2, not 3, copies of the activations
                         outs = [_run_block(block, h, kwargs, device).cpu() for h in hidden]
                 hidden = outs
     finally:

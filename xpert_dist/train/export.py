@@ -6,6 +6,7 @@ target's. Everything is written into a temporary directory and renamed into plac
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def merged_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Ten
     for name, module in inner.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if hasattr(module, "base_layer"):  # a peft LoRA layer: merge it
+        quantized = st.quantization_of(module) is not None
+        if hasattr(module, "base_layer") or quantized:  # a peft LoRA layer (merge it) or a bnb layer
             skip.add(name)
             base = st.base_linear(module)
+            dtype = torch.float32 if quantized else base.weight.dtype
             with ctx.gather(list(module.parameters())):
-                sd[f"{name}.weight"] = st.effective_weight(module, dtype=torch.float32).to(base.weight.dtype).cpu()
+                sd[f"{name}.weight"] = st.effective_weight(module, dtype=torch.float32).to(dtype).cpu()
                 if base.bias is not None:
                     sd[f"{name}.bias"] = base.bias.detach().clone().cpu()
             continue
@@ -78,7 +81,9 @@ def save_hf_checkpoint(sd: dict[str, torch.Tensor], model: nn.Module, tokenizer,
     """Write ``sd`` as a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads."""
     from transformers import AutoModelForCausalLM
 
-    config = st.unwrap(model).config
+    config = copy.deepcopy(st.unwrap(model).config)
+    if getattr(config, "quantization_config", None) is not None:  # QLoRA base: the export is dense
+        del config.quantization_config
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config)
     missing, unexpected = plain.load_state_dict(sd, strict=False, assign=True)

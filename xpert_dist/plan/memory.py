@@ -1,0 +1,425 @@
+"""Per-rank peak memory of a training step and of a prune step, term by term.
+
+Every term is an explicit formula of the model shape and the run settings; the few constants that
+are not (framework baselines, allocator slack) are named fields of :class:`Constants`, documented
+with where their values come from. ``estimate(spec)`` returns a :class:`Plan` holding the terms,
+the per-rank accelerator and host peaks of both steps, whether they fit, and what to change.
+
+What lives where (as the code in this repository does it):
+
+* ZeRO-3 partitions base and LoRA weights over the W ranks (``/W``), gathers one module at a time
+  during forward/backward plus a prefetch bucket, and the whole current block (and, for
+  ForeSight, the next block's consumers) inside a prune step. ``--offload-params cpu`` keeps the
+  partitions in host memory. ZeRO-1/2 and stage 0 keep full weight replicas.
+* The optimizer holds an fp32 master copy and AdamW's two moments (12 bytes per trainable
+  parameter), partitioned from stage 1 on, in host memory with ``--offload-optimizer cpu``.
+* Activations: per token and per decoder layer (measured with saved-tensor hooks on transformers
+  5.24 + peft LoRA on all seven linears, SDPA attention; :func:`layer_activation_bytes`), plus the
+  logits/loss; with gradient checkpointing only each layer's input is kept, and one layer is
+  recomputed at a time.
+* Prune step (sequential calibration): the hidden states entering and leaving the current block
+  for this rank's calibration batches stay in host memory; statistics are accumulated per group
+  of the current block as canonical-tree partials (up to ``⌊log2 K_local⌋+2`` accumulators), on
+  the accelerator or, with ``--stats-offload cpu|disk``, on the host; the owner then holds the
+  reduced statistic of its largest group plus the solver workspace of the largest module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+from .shapes import LINEARS, ModelShape
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+METHODS = ("magnitude", "wanda", "sparsegpt", "foresight")
+PBS = ("off", "diagonal", "full", "shared")
+
+
+@dataclass
+class Constants:
+    """Constants that are not formulas of the model (named, documented, overridable).
+
+    host_baseline_bytes_cpu: resident memory of one rank on the CPU-only machine after importing
+        torch 2.13, transformers 5.24, peft 0.21, deepspeed 0.19.8 and initialising the gloo process
+        group, before any model exists. Calibrated by ``bench/planner_validation.py`` (median of the
+        measured per-rank baselines, see bench/results/planner_validation.json).
+    host_baseline_bytes_gpu: the same for a CUDA rank (CUDA/cuBLAS/NCCL libraries mapped, pinned
+        staging buffers). Assumed (not measurable here): 4 GiB.
+    accel_baseline_bytes: CUDA context + NCCL communicators + cuBLAS workspace per GPU. Assumed
+        (typical for H100/H200 with torch 2.x): 1.5 GiB.
+    allocator_slack: multiplicative slack of the CUDA caching allocator (fragmentation) applied to
+        accelerator terms. Assumed: 1.10. On CPU, glibc's arenas play the same role; the CPU
+        validation calibrates ``cpu_allocator_slack``.
+    cpu_allocator_slack: the same for host terms in the CPU case. Calibrated (see above).
+    headroom: fraction of the device memory the plan may use before it says "does not fit".
+    """
+
+    host_baseline_bytes_cpu: float = 0.44 * GiB
+    host_baseline_bytes_gpu: float = 4.0 * GiB
+    accel_baseline_bytes: float = 1.5 * GiB
+    allocator_slack: float = 1.10
+    cpu_allocator_slack: float = 1.0
+    headroom: float = 0.92
+
+
+@dataclass
+class PlanSpec:
+    model: ModelShape
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    host_mem_gb: float = 1024.0
+    zero_stage: int = 3
+    offload_optimizer: str = "none"  # none | cpu
+    offload_params: str = "none"  # none | cpu
+    method: str = "foresight"
+    pbs: str = "diagonal"
+    pbs_support: str = "dense"
+    lora_r: int = 8
+    lora_targets: tuple = LINEARS
+    lora_dropout: float = 0.05
+    seq_len: int = 2048
+    micro_batch: int = 1
+    calib_samples: int = 128
+    calib_batch: int | None = None  # None: the micro-batch (the pipeline calibrates with train.batch_size)
+    stats_offload: str = "none"  # none | cpu | disk
+    stats_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    grad_checkpointing: bool = False
+    accelerator: str = "gpu"  # gpu | cpu (everything in host memory: the CPU-only case)
+    ema: bool = True  # ForeSight EMA across prune steps (kept on the module owner)
+    prefetch_bucket_params: int = 50_000_000  # stage3_prefetch_bucket_size
+    constants: Constants = field(default_factory=Constants)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def validate(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError(f"--nodes {self.nodes} and --gpus-per-node {self.gpus_per_node} must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage {self.zero_stage} must be 0, 1, 2 or 3")
+        for name, value, allowed in (("--offload-optimizer", self.offload_optimizer, ("none", "cpu")),
+                                     ("--offload-params", self.offload_params, ("none", "cpu")),
+                                     ("--method", self.method, METHODS), ("--pbs", self.pbs, PBS),
+                                     ("--pbs-support", self.pbs_support, ("dense", "kept")),
+                                     ("--stats-offload", self.stats_offload, ("none", "cpu", "disk")),
+                                     ("--stats-dtype", self.stats_dtype, ("float32", "float64")),
+                                     ("--dtype", self.dtype, tuple(DTYPE_BYTES)),
+                                     ("--accelerator", self.accelerator, ("gpu", "cpu"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.offload_params == "cpu" and self.zero_stage != 3:
+            raise ConfigError("--offload-params cpu needs --zero-stage 3")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise ConfigError("--offload-optimizer cpu needs --zero-stage >= 1")
+        for name in ("lora_r", "seq_len", "micro_batch", "calib_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass
+class Term:
+    step: str  # "train" | "prune"
+    phase: str  # "resident" | "compute" (train) ; "resident" | "accumulate" | "solve" (prune)
+    where: str  # "accel" | "host" | "disk"
+    name: str
+    bytes: float
+    formula: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    spec: PlanSpec
+    terms: list[Term]
+    peaks: dict  # {step: {"accel": bytes, "host": bytes, "host_node": bytes, "disk": bytes}}
+    fits: dict  # {step: {"accel": bool, "host": bool}}
+    suggestions: list[str]
+
+    def to_dict(self) -> dict:
+        s = self.spec
+        m = s.model
+        return {"model": asdict(m), "params": m.total_params(), "lora_params": m.lora_params(s.lora_r, s.lora_targets),
+                "world_size": s.world,
+                "spec": {k: v for k, v in asdict(s).items() if k not in ("model", "constants")},
+                "constants": asdict(s.constants), "terms": [t.to_dict() for t in self.terms],
+                "peaks_bytes": self.peaks, "fits": self.fits, "suggestions": self.suggestions}
+
+
+# ----------------------------------------------------------------------------- building blocks
+def layer_activation_bytes(m: ModelShape, r: int, dropout: float, b: int, n_lora: int = 7) -> float:
+    """Bytes kept for backward per token by one decoder layer (LoRA on the linears, frozen base).
+
+    Measured with ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, parameters
+    excluded) on transformers 5.24 / torch 2.13 / peft 0.21, SDPA attention, and exact on two
+    shapes (h576/I1536/GQA 9:3 and h256/I768/4:2), checked on a third in tests/plan:
+    two RMSNorms (fp32 input copy + rsqrt + output), q/k/v after RoPE and the attention output
+    (SDPA saves q, k, v, out and the fp32 log-sum-exp per head), SwiGLU (gate, silu(gate), up,
+    their product), the r-wide LoRA intermediates, and with dropout > 0 the dropped-out inputs
+    of every LoRA A (measured ``9h + q + I`` elements).
+    """
+    h, i, q, kv = m.hidden, m.intermediate, m.q_dim, m.kv_dim
+    norms = 2 * (4 * h + 4 + b * h)
+    attn = b * (2 * q + 2 * kv) + 4 * m.heads
+    mlp = b * 4 * i
+    lora = b * n_lora * r
+    drop = b * (9 * h + q + i) if dropout > 0 else 0
+    return norms + attn + mlp + lora + drop
+
+
+def logits_bytes_per_token(m: ModelShape, b: int) -> float:
+    """Logits in the model dtype, their fp32 upcast (a no-op in fp32), the saved log-softmax and,
+    in backward, its gradient and the logits' gradient: ``V·(2b + 8 [+ 4 when b < 4])``."""
+    return m.vocab * (2 * b + 8 + (4 if b < 4 else 0))
+
+
+def tree_peak_partials(start: int, stop: int) -> int:
+    """Peak number of partial sums a canonical-tree accumulator holds for leaves [start, stop),
+    plus the leaf being accumulated (simulated: the exact count of ``stats.tree.TreeSum``)."""
+    if stop <= start:
+        return 0
+    stack: list[tuple[int, int]] = []
+    peak = 0
+    for g in range(start, stop):
+        cur = (0, g)
+        while stack and stack[-1][0] == cur[0] and stack[-1][1] % 2 == 0 and stack[-1][1] + 1 == cur[1]:
+            top = stack.pop()
+            cur = (cur[0] + 1, top[1] // 2)
+        stack.append(cur)
+        peak = max(peak, len(stack))
+    return peak + 1
+
+
+def _shard(k: int, w: int, r: int) -> tuple[int, int]:
+    return r * k // w, (r + 1) * k // w
+
+
+# ----------------------------------------------------------------------------- the plan
+def estimate(spec: PlanSpec) -> Plan:
+    spec.validate()
+    m, c = spec.model, spec.constants
+    W = spec.world
+    b = DTYPE_BYTES[spec.dtype]
+    sb = DTYPE_BYTES[spec.stats_dtype] if spec.stats_dtype in DTYPE_BYTES else 8
+    cpu_case = spec.accelerator == "cpu"
+    accel = "host" if cpu_case else "accel"
+    z = spec.zero_stage
+    terms: list[Term] = []
+
+    def add(step, phase, where, name, nbytes, formula):
+        terms.append(Term(step, phase, "host" if (cpu_case and where == "accel") else where, name,
+                          float(nbytes), formula))
+
+    P = m.total_params()
+    P_lora = m.lora_params(spec.lora_r, spec.lora_targets)
+    P_block = m.block_params()
+    part = W if z == 3 else 1
+    T = spec.micro_batch * spec.seq_len
+
+    # ------------------------------------------------------------------ resident model state (both steps)
+    for step in ("train", "prune"):
+        where_p = "host" if spec.offload_params == "cpu" else accel
+        add(step, "resident", where_p, "base weights" + (" (ZeRO-3 shard)" if z == 3 else " (replica)"),
+            P * b / part, f"P·{b}B{'/W' if z == 3 else ''} = {P:,}·{b}/{part}")
+        add(step, "resident", where_p, "LoRA weights", P_lora * b / part, f"P_lora·{b}B{'/W' if z == 3 else ''}")
+        gpart = W if z >= 2 else 1
+        add(step, "resident", accel, "LoRA gradients", P_lora * (b + 4 / gpart),
+            f"P_lora·({b}B full + 4B fp32{'/W' if z >= 2 else ''} partition)")
+        opart = W if z >= 1 else 1
+        where_o = "host" if spec.offload_optimizer == "cpu" else accel
+        add(step, "resident", where_o, "optimizer (fp32 master + AdamW m, v)", P_lora * 12 / opart,
+            f"P_lora·12B{'/W' if z >= 1 else ''}")
+        if cpu_case:
+            add(step, "resident", "host", "framework baseline (CPU rank)", c.host_baseline_bytes_cpu,
+                "Constants.host_baseline_bytes_cpu (calibrated)")
+        else:
+            add(step, "resident", "accel", "CUDA context + NCCL", c.accel_baseline_bytes,
+                "Constants.accel_baseline_bytes (assumed)")
+            add(step, "resident", "host", "framework baseline (CUDA rank)", c.host_baseline_bytes_gpu,
+                "Constants.host_baseline_bytes_gpu (assumed)")
+
+    # ------------------------------------------------------------------ training step
+    if z == 3:
+        live = max(m.embed_params(), P_block) + min(spec.prefetch_bucket_params, P_block)
+        add("train", "compute", accel, "ZeRO-3 gathered parameters", live * b,
+            "(max(V·h, block) + min(prefetch bucket, block))·b")
+    per_layer = layer_activation_bytes(m, spec.lora_r, spec.lora_dropout, b, len(spec.lora_targets))
+    if spec.grad_checkpointing:
+        add("train", "compute", accel, "activations (checkpointed inputs)", m.layers * T * m.hidden * b,
+            "L·T·h·b")
+        add("train", "compute", accel, "activations (one recomputed layer)", T * per_layer, "T·layer_bytes")
+    else:
+        add("train", "compute", accel, "activations", m.layers * T * per_layer,
+            f"L·T·layer_bytes, layer_bytes = {per_layer:,.0f} B/token")
+    add("train", "compute", accel, "logits + loss", T * logits_bytes_per_token(m, b), "T·V·(2b + 8 [+4])")
+
+    # ------------------------------------------------------------------ prune step
+    bs = spec.calib_batch or spec.micro_batch
+    K = math.ceil(spec.calib_samples / bs)
+    K_local = max(_shard(K, W, r)[1] - _shard(K, W, r)[0] for r in range(W))
+    rows_local = min(K_local * bs, spec.calib_samples)
+    add("prune", "resident", "host", "calibration hidden states (block in + out)",
+        2 * rows_local * spec.seq_len * m.hidden * b, f"2·{rows_local} rows·S·h·b (host, this rank's batches)")
+    if z == 3:
+        add("prune", "resident", accel, "gathered block weights", P_block * b, "block params·b")
+    next_block = spec.method == "foresight"
+    n_lin = m.block_linear_params()
+    nxt = m.block_linear_params(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) if next_block else 0
+    if z == 3 and next_block:
+        add("prune", "solve", accel, "gathered next block (ForeSight consumers)", P_block * b, "block params·b")
+    Tb = bs * spec.seq_len
+    add("prune", "accumulate", accel, "block forward (no grad, one batch)",
+        Tb * b * (3 * m.hidden + m.q_dim + 2 * m.kv_dim + 3 * m.intermediate), "T_b·b·(3h + q + 2kv + 3I)")
+
+    needs_full = spec.method == "sparsegpt" or spec.pbs in ("full", "shared")
+    needs_stats = spec.method != "magnitude" or spec.pbs != "off"
+    shapes = m.linear_shapes()
+    largest_mod = max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])
+    lo, li = shapes[largest_mod]
+    if needs_stats:
+        dims = m.group_dims()
+        group_bytes = {g: (d * d if needs_full else d) * sb for g, d in dims.items()}
+        partials = max(tree_peak_partials(*_shard(K, W, r)) for r in range(W))
+        total_group = sum(group_bytes.values())
+        where_s = "host" if spec.stats_offload in ("cpu", "disk") else accel
+        if where_s == "host":
+            add("prune", "accumulate", accel, "statistics leaf (current batch, all groups)", total_group,
+                "Σ_groups size·stats bytes")
+            add("prune", "accumulate", "host", f"statistics tree partials ({partials - 1} accumulators)",
+                (partials - 1) * total_group, "peak partials·Σ_groups size")
+        else:
+            add("prune", "accumulate", accel, f"statistics tree partials ({partials} incl. leaf)",
+                partials * total_group, "peak partials·Σ_groups (d² full | d diag)·stats bytes")
+        big = max(group_bytes.values())
+        if W > 1:
+            add("prune", "solve", accel, "reduction receive buffer (owner)", big, "largest group")
+        if spec.stats_offload == "disk":
+            add("prune", "solve", "disk", "finished statistics (one block)", total_group, "Σ_groups")
+        add("prune", "solve", accel, "owned statistic (largest group)", big, "largest group, on its owner")
+    add("prune", "solve", accel, "effective weights U (fp32)", (n_lin + nxt) * 4,
+        "block linears (+ next block's q,k,v,gate,up for ForeSight)·4B")
+    if spec.method != "sparsegpt":
+        add("prune", "solve", accel, "scores (fp32, all modules of the block)", n_lin * 4, "block linears·4B")
+        add("prune", "solve", accel, "mask selection workspace (largest module)", lo * li * 14,
+            f"{largest_mod}: out·in·(4 sorted + 8 indices + 2 bool)")
+    else:
+        add("prune", "solve", accel, "SparseGPT workspace (largest module, fp64)", 2 * li * li * 8 + 2 * lo * li * 8,
+            f"{largest_mod}: 2·in²·8 (H, H⁻¹) + 2·out·in·8")
+    r = spec.lora_r
+    if spec.pbs == "diagonal":
+        add("prune", "solve", accel, "PBS diagonal workspace", 2 * lo * li * 4, "2·out·in·4")
+    elif spec.pbs == "shared" or (spec.pbs == "full" and spec.pbs_support == "dense"):
+        add("prune", "solve", accel, f"PBS {spec.pbs} workspace", 2 * lo * li * 4 + 2 * r * li * 4,
+            "2·out·in·4 (U⊙P, (U⊙P)H) + 2·r·in·4")
+    elif spec.pbs == "full":  # kept support: per-row Grams in chunks of rows
+        chunk = max(1, (1 << 24) // max(1, r * li))
+        add("prune", "solve", accel, "PBS full (kept support) workspace",
+            lo * li * 4 + 2 * min(chunk, lo) * r * li * 4, "out·in·4 + 2·chunk·r·in·4")
+    add("prune", "solve", accel, "masks + results of the block (bool, broadcast)", n_lin, "block linears·1B")
+    if spec.method == "foresight" and spec.ema:
+        add("prune", "resident", accel, "ForeSight EMA scores (owned modules, all blocks)",
+            math.ceil(m.layers / W) * n_lin * 4, "⌈L/W⌉·block linears·4B (owners rotate across blocks)")
+    add("prune", "resident", "host", "kept masks of every module (bool, every rank)", m.layers * n_lin,
+        "L·block linears·1B (Pruner.masks)")
+
+    # ------------------------------------------------------------------ peaks
+    peaks, fits = {}, {}
+    for step, phases in (("train", ("compute",)), ("prune", ("accumulate", "solve"))):
+        res = {}
+        for where in ("accel", "host", "disk"):
+            base = sum(t.bytes for t in terms if t.step == step and t.where == where and t.phase == "resident")
+            extra = max([sum(t.bytes for t in terms if t.step == step and t.where == where and t.phase == ph)
+                         for ph in phases] + [0.0])
+            total = base + extra
+            if where == "accel":
+                total *= c.allocator_slack
+            if where == "host" and cpu_case:
+                total *= c.cpu_allocator_slack
+            res[where] = total
+        res["host_node"] = res["host"] * (1 if cpu_case else spec.gpus_per_node)
+        peaks[step] = res
+        fits[step] = {"accel": cpu_case or res["accel"] <= spec.gpu_mem_gb * GiB * c.headroom,
+                      "host": res["host_node"] <= spec.host_mem_gb * GiB * c.headroom}
+    return Plan(spec, terms, peaks, fits, _suggest(spec, terms, peaks, fits))
+
+
+def _suggest(spec: PlanSpec, terms: list[Term], peaks: dict, fits: dict) -> list[str]:
+    out: list[str] = []
+
+    def worst(step, where):
+        ts = [t for t in terms if t.step == step and t.where == where]
+        return max(ts, key=lambda t: t.bytes) if ts else None
+
+    for step in ("train", "prune"):
+        if not fits[step]["accel"]:
+            over = peaks[step]["accel"] / GiB - spec.gpu_mem_gb * spec.constants.headroom
+            big = worst(step, "accel")
+            tips = []
+            if step == "train" and not spec.grad_checkpointing:
+                tips.append("enable gradient checkpointing")
+            if spec.zero_stage < 3:
+                tips.append("use --zero-stage 3")
+            if spec.offload_optimizer == "none" and spec.zero_stage >= 1:
+                tips.append("--offload-optimizer cpu")
+            if spec.offload_params == "none" and spec.zero_stage == 3:
+                tips.append("--offload-params cpu")
+            if step == "prune" and spec.stats_offload == "none" and (spec.pbs in ("full", "shared") or spec.method == "sparsegpt"):
+                tips.append("--stats-offload cpu")
+            if step == "prune" and spec.pbs == "full":
+                tips.append("--pbs shared or diagonal (no per-row Hessian products)")
+            if spec.micro_batch > 1:
+                tips.append("a smaller --micro-batch")
+            tips.append("more nodes (partitioned terms shrink as 1/W)")
+            out.append(f"{step} step exceeds GPU memory by {over:.1f} GiB (largest term: {big.name}, "
+                       f"{big.bytes / GiB:.1f} GiB): try " + ", ".join(tips))
+        if not fits[step]["host"]:
+            over = peaks[step]["host_node"] / GiB - spec.host_mem_gb * spec.constants.headroom
+            big = worst(step, "host")
+            tips = []
+            if step == "prune" and spec.stats_offload == "cpu":
+                tips.append("--stats-offload disk")
+            if spec.offload_params == "cpu":
+                tips.append("keep parameters on the GPU (--offload-params none)")
+            if step == "prune":
+                tips.append("fewer --calib-samples or more nodes (hidden states are per rank)")
+            tips.append("fewer GPUs per node sharing the host")
+            out.append(f"{step} step exceeds host memory per node by {over:.1f} GiB (largest term: {big.name}, "
+                       f"{big.bytes / GiB:.1f} GiB per rank): try " + ", ".join(tips))
+    if not out:
+        out.append("fits as configured")
+    return out
+
+
+def format_table(plan: Plan) -> str:
+    s, m = plan.spec, plan.spec.model
+    lines = [f"Memory plan: {m.name} ({m.total_params() / 1e9:.2f}B params, LoRA r={s.lora_r}: "
+             f"{m.lora_params(s.lora_r, s.lora_targets) / 1e6:.1f}M), {s.nodes} node(s) x {s.gpus_per_node} "
+             f"{'CPU rank(s)' if s.accelerator == 'cpu' else 'GPU(s)'}, ZeRO-{s.zero_stage}, dtype {s.dtype}, "
+             f"seq {s.seq_len} x micro-batch {s.micro_batch}, method {s.method} + PBS {s.pbs}, "
+             f"{s.calib_samples} calibration samples, stats offload {s.stats_offload}"]
+    for step in ("train", "prune"):
+        lines.append("")
+        lines.append(f"{'TRAINING STEP' if step == 'train' else 'PRUNE STEP'} (per rank)")
+        lines.append(f"  {'term':<52} {'phase':<10} {'where':<6} {'GiB':>9}  formula")
+        for t in plan.terms:
+            if t.step == step:
+                lines.append(f"  {t.name:<52} {t.phase:<10} {t.where:<6} {t.bytes / GiB:>9.3f}  {t.formula}")
+        p = plan.peaks[step]
+        dev = "host (CPU case)" if s.accelerator == "cpu" else "GPU"
+        if s.accelerator != "cpu":
+            lines.append(f"  => peak GPU {p['accel'] / GiB:.1f} GiB of {s.gpu_mem_gb:g} "
+                         f"({'fits' if plan.fits[step]['accel'] else 'DOES NOT FIT'})")
+        lines.append(f"  => peak host {p['host'] / GiB:.2f} GiB per rank, {p['host_node'] / GiB:.1f} GiB per node of "
+                     f"{s.host_mem_gb:g} ({'fits' if plan.fits[step]['host'] else 'DOES NOT FIT'})"
+                     + (f"; disk {p['disk'] / GiB:.1f} GiB" if p["disk"] else ""))
+        del dev
+    lines.append("")
+    for sug in plan.suggestions:
+        lines.append(f"* {sug}")
+    return "\n".join(lines)
