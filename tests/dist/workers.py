@@ -123,13 +123,25 @@ def stats_and_prune_plain(rank, world, pbs):
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 (DeepSpeed)
-def zero3_engine(model, lr=0.0, threshold=0, micro_batch=2):
-    import deepspeed
+def resolved_ds_config(name="zero3.json", micro_batch=2, lr=0.0, threshold=0, world=2, dtype="float32"):
+    """A shipped DeepSpeed JSON resolved the way the training pipeline resolves it ("auto" fields
+    filled from the run config), then adjusted for the tests (lr, persistence threshold)."""
+    from xpert_dist.config import ModelConfig, RunConfig, TrainConfig
+    from xpert_dist.train.engine import load_ds_config
 
-    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["optimizer"]["params"]["lr"] = lr
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    cfg = RunConfig(ds_config=str(REPO / "ds_configs" / name), model=ModelConfig(dtype=dtype),
+                    train=TrainConfig(batch_size=micro_batch, grad_accum=1, lr=1e-3))
+    ds = load_ds_config(cfg, world)
+    ds["optimizer"]["params"]["lr"] = lr
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    return ds
+
+
+def zero3_engine(model, lr=0.0, threshold=0, micro_batch=2, name="zero3.json"):
+    import deepspeed
+    import torch.distributed as dist
+
+    cfg = resolved_ds_config(name, micro_batch, lr, threshold, dist.get_world_size())
     engine, *_ = deepspeed.initialize(model=model, config=cfg,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     return engine

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..report.plots import DPI, FIG_INCHES, save_png
 from .metrics import grid
@@ -73,6 +74,11 @@ def layer_curves(panels: dict[str, dict[str, tuple[list[int], list[float]]]], pa
     panels = {p: lines for p, lines in panels.items() if lines}
     if not panels:
         return None
+    ys = _finite(y for lines in panels.values() for _, vals in lines.values() for y in vals)
+    ys += list((hlines or {}).values())
+    if ylim is None and ys:
+        pad = 0.05 * max(1e-6, max(ys) - min(ys))
+        ylim = (min(ys) - pad, max(ys) + pad)
     n = len(panels)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -89,6 +95,7 @@ def layer_curves(panels: dict[str, dict[str, tuple[list[int], list[float]]]], pa
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)

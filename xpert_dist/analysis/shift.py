@@ -114,6 +114,7 @@ class ShiftConfig:
     adapt_seq_len: int = 256
     adapt_lr: float = 2e-4
     adapt_max_train_samples: int | None = None
+    adapt_domains: list[str] | None = None  # names of the domains to adapt (None: all)
     lora: LoraSettings = field(default_factory=LoraSettings)
     text_field: str = "text"
     reference_domain: str | None = "general"
@@ -136,6 +137,16 @@ class ShiftConfig:
                 raise ConfigError(f"shift {name}={getattr(self, name)} must be positive")
         if self.adapt_steps < 0:
             raise ConfigError(f"shift adapt_steps={self.adapt_steps} must be >= 0")
+        names = [d.name for d in self.domains]
+        unknown = sorted(set(self.adapt_domains or []) - set(names))
+        if unknown:
+            raise ConfigError(f"shift adapt_domains {unknown} are not among the domains {names}")
+
+    def adapted(self) -> list[Domain]:
+        """The domains that get a LoRA adaptation (an ``after`` phase)."""
+        if self.adapt_steps <= 0:
+            return []
+        return [d for d in self.domains if self.adapt_domains is None or d.name in self.adapt_domains]
         self.prune_config(self.sparsities[0])  # validates group / variant
 
     def prune_config(self, sparsity: float) -> PruneConfig:
@@ -336,21 +347,18 @@ class ShiftAnalysis:
 
     # -- scores, masks, metrics -----------------------------------------------------------
     def sets(self) -> list[tuple[str, Domain]]:
-        phases = PHASES if self.cfg.adapt_steps > 0 else ("before",)
-        return [(p, d) for p in phases for d in self.cfg.domains]
+        return [("before", d) for d in self.cfg.domains] + [("after", d) for d in self.cfg.adapted()]
 
     def comparisons(self) -> list[tuple[str, str, str]]:
         """``(comparison, set a, set b)`` with sets named ``phase:domain``."""
         names = [d.name for d in self.cfg.domains]
-        phases = [p for p in PHASES if p == "before" or self.cfg.adapt_steps > 0]
-        out = []
-        for p in phases:
-            out += [(f"domains@{p}", f"{p}:{a}", f"{p}:{b}") for a, b in itertools.combinations(names, 2)]
-        if "after" in phases:
-            out += [("adaptation", f"before:{n}", f"after:{n}") for n in names]
-            ref = self.cfg.reference_domain
-            if ref in names:
-                out += [(f"{ref}@before vs after", f"before:{ref}", f"after:{n}") for n in names if n != ref]
+        adapted = [d.name for d in self.cfg.adapted()]
+        out = [("domains@before", f"before:{a}", f"before:{b}") for a, b in itertools.combinations(names, 2)]
+        out += [("domains@after", f"after:{a}", f"after:{b}") for a, b in itertools.combinations(adapted, 2)]
+        out += [("adaptation", f"before:{n}", f"after:{n}") for n in adapted]
+        ref = self.cfg.reference_domain
+        if ref in names:
+            out += [(f"{ref}@before vs after", f"before:{ref}", f"after:{n}") for n in adapted if n != ref]
         return out
 
     def records_key(self) -> dict:
@@ -428,9 +436,9 @@ class ShiftAnalysis:
         self.out.mkdir(parents=True, exist_ok=True)
         steps = [("calibration", lambda: [self.calibration_ids(d) for d in c.domains])]
         adapt_results = {}
-        if c.adapt_steps > 0:
+        if c.adapted():
             def do_adapt():
-                for d in c.domains:
+                for d in c.adapted():
                     adapt_results[d.name] = self.adapt(d)
             steps.append(("adaptation", do_adapt))
         records: list[dict] = []

@@ -144,14 +144,14 @@ def write_figures(result: dict, out_dir: Path) -> dict[str, list[tuple[str, str]
 
 
 def _settings_table(s: dict) -> str:
-    model = s["model"].get("name_or_path") if not s["model"].get("tiny") else f"tiny random Llama {s['model']['tiny']}"
+    model = s["model"].get("name_or_path") if s["model"].get("tiny") is None else f"tiny random Llama {s['model']['tiny']}"
     rows = [["model", model], ["domains", ", ".join(f"{d['name']} (`{d['spec']}`)" for d in s["domains"])],
             ["method / group / variant", f"{s['method']} / {s['group']} / {s['variant']}"],
             ["sparsities", ", ".join(f"{x:g}" for x in s["sparsities"])],
             ["calibration", f"{s['calibration']}: {s['calib_samples']} windows x {s['calib_seq_len']} tokens per domain, "
                             f"seed {s['seed']}"],
             ["adaptation", "none" if not s["adapt_steps"] else
-             f"{s['adapt_steps']} LoRA steps (r={s['lora']['r']}, alpha={s['lora']['alpha']:g}), batch "
+             f"{', '.join(s.get('adapt_domains') or [d['name'] for d in s['domains']])}: {s['adapt_steps']} LoRA steps (r={s['lora']['r']}, alpha={s['lora']['alpha']:g}), batch "
              f"{s['adapt_batch_size']} x {s['adapt_seq_len']} tokens, lr {s['adapt_lr']:g}"]]
     return md_table(["setting", "value"], rows)
 

@@ -42,9 +42,11 @@ def load_ds_config(cfg: RunConfig, world_size: int) -> dict:
         if key in params and params[key] != "auto" and params[key] != value:
             raise ConfigError(f"ds_config {path}: optimizer.params.{key}={params[key]} contradicts train.{key}={value}")
         params[key] = value
-    bf16 = ds.get("bf16", {}).get("enabled", False)
-    if bf16 is True and cfg.model.dtype == "float32":
-        raise ConfigError(f"ds_config {path} enables bf16 but model.dtype=float32; set model.dtype=bfloat16")
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    if bf16 == "auto":
+        ds["bf16"]["enabled"] = cfg.model.dtype == "bfloat16"
+    elif bool(bf16) != (cfg.model.dtype == "bfloat16"):
+        raise ConfigError(f"ds_config {path}: bf16.enabled={bf16} contradicts model.dtype={cfg.model.dtype}")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
@@ -100,10 +102,26 @@ class Engine:
                 (loss / len(micro_batches)).backward()
             losses.append(float(loss.detach()))
         if not self.deepspeed:
+            self._average_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return sum(losses) / len(losses)
+
+    def _average_gradients(self) -> None:
+        """Data parallelism without DeepSpeed (torchrun, srun): mean of the LoRA gradients over ranks."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def optimizer_state(self) -> dict:
         return {} if self.deepspeed else self.optimizer.state_dict()
