@@ -8,44 +8,12 @@
 
 Overrides are ``section.key=value`` (YAML values). ``--ds_config`` is the same as ``ds_config=PATH``.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML or JSON run config")
-    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (ZeRO-2/3)")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = ap.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-
-    from xpert_dist.config import load_config
-    from xpert_dist.errors import XpertError
-    from xpert_dist.launch import signals
-
-    overrides = list(args.overrides) + ([f"ds_config={args.ds_config}"] if args.ds_config else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        from xpert_dist.launch.runner import run_job
-
-        results = run_job(cfg, progress=not args.no_progress)
-    except signals.Preempted as e:
-        print(f"xpert-dist: preempted: {e}", file=sys.stderr)
-        return signals.exit_code(e)
-    except XpertError as e:
-        print(f"xpert-dist: error: {e}", file=sys.stderr)
-        return 2
-    if results and "metrics" in results:
-        print(f"report: {os.path.join(cfg.output_dir, 'report.md')}")
-    return 0
-
+from xpert_dist.launch.run_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -184,6 +184,8 @@ def collect(job, label: str = "", all_tasks: bool = False, lines: int = 30) -> O
         out.error = _summarise(e)
         out.log_tail = failure_reason(job, lines)
     out.state = _state(job) if not out.ok else state
+    if out.ok and out.state in ("RUNNING", "COMPLETING", "UNKNOWN"):
+        out.state = "COMPLETED"  # the result is there; SLURM is still wrapping the job up
     if not out.ok and out.state in ("RUNNING", "COMPLETING", "UNKNOWN"):
         out.state = "FAILED (exception in the job)"
     return out
