@@ -6,9 +6,10 @@
 
     # a job array over the cartesian product of the grid (here 2 x 3 = 6 runs)
     python launchers/submit.py sweep --config configs/llama7b_health.yaml \\
-        --grid prune.sparsity=0.4,0.5 --grid train.seed=0,1,2
+        --grid prune.sparsity=0.4,0.5 train.seed=0,1,2
 
-    # the same config at world sizes 1 and 2 plus one repeat, then compare the masks
+    # the same config at world sizes 1 and 2 plus one repeat, then compare the masks (train.batch_size
+    # is per rank: it is rescaled so that every run sees the global batch of the first world size)
     python launchers/submit.py repro --config cfg.yaml --world-sizes 1,2 --repeats 1
 
 Cluster parameters never go into the run config: they come from ``--cluster FILE`` (a YAML with
@@ -58,8 +59,9 @@ def main(argv=None) -> int:
     p_run.add_argument("--wait", action="store_true", help="wait for the job and report its outcome")
     p_sweep = sub.add_parser("sweep", help="submit a job array over a grid of overrides")
     _add_common(p_sweep)
-    p_sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                         help="a swept key with its values; repeat for a cartesian product")
+    p_sweep.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                         help="swept keys with their values (cartesian product); give run-config "
+                              "overrides before --grid, or after --")
     p_sweep.add_argument("--array-parallelism", dest="array_parallelism", type=int,
                          help="max array elements running at once")
     p_sweep.add_argument("--wait", action="store_true", help="wait for all jobs and report")
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
     p_repro.add_argument("--world-sizes", default="1,2", help="comma-separated, e.g. 1,2,4")
     p_repro.add_argument("--repeats", type=int, default=1, help="reruns of the first world size")
     p_repro.add_argument("--loss-tol", type=float, default=None)
+    p_repro.add_argument("--no-keep-global-batch", dest="keep_global_batch", action="store_false",
+                         help="keep train.batch_size per rank as is (the global batch then grows with the "
+                              "world size and masks are not expected to agree)")
     args = ap.parse_args(argv)
 
     from xpert_dist.errors import XpertError
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
             plans = submission.plan_sweep(args.config, args.overrides, args.grid, settings)
         else:
             sizes = [int(x) for x in args.world_sizes.split(",") if x.strip()]
-            plans = submission.plan_repro(args.config, args.overrides, sizes, settings, args.repeats)
+            plans = submission.plan_repro(args.config, args.overrides, sizes, settings, args.repeats,
+                                          keep_global_batch=args.keep_global_batch)
         if args.executor != "slurm":
             for p in plans:
                 cluster.executor_parameters(p.settings, args.executor)  # e.g. local: one node only
@@ -92,6 +98,9 @@ def main(argv=None) -> int:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
 
+    if args.cmd == "repro" and len(set(p.world_size for p in plans)) > 1 and plans[0].config["lora"]["dropout"] > 0:
+        print(f"note: lora.dropout={plans[0].config['lora']['dropout']} draws its noise per rank, so masks can "
+              f"differ across world sizes; add lora.dropout=0 for a bitwise comparison", file=sys.stderr)
     print(f"{len(plans)} job(s), executor {args.executor}:")
     for p in plans:
         print("  " + submission.describe(p))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # slurm/prune_7b.sh — EfficientXpert LoRA fine-tuning + pruning of Llama-2 7B (health domain)
-# with DeepSpeed ZeRO-3 (CPU offload of the optimizer), one process per GPU over one or more nodes.
+# with DeepSpeed ZeRO-3, one process per GPU over one or more nodes.
 #
 #   mkdir -p logs && sbatch slurm/prune_7b.sh [key=value overrides...]
 #   DRY_RUN=1 SLURM_JOB_NODELIST='gpu[001-002]' SLURM_JOB_ID=1234 bash slurm/prune_7b.sh   # show commands
@@ -21,7 +21,7 @@
 #SBATCH --error=logs/%x-%j.err
 
 CONFIG=configs/llama7b_health.yaml           # run config (model path, data, pruning, output_dir)
-DS_CONFIG=ds_configs/zero3_offload.json      # DeepSpeed ZeRO-3 with optimizer/parameter CPU offload
+DS_CONFIG=ds_configs/zero3.json              # DeepSpeed ZeRO-3 (7B needs no offload on 40-80 GB GPUs)
 PYTHON=${PYTHON:-python}                     # interpreter of the venv with xpert-dist (or activate it below)
 OVERRIDES=()                                 # fixed extra overrides, e.g. (prune.sparsity=0.5 train.seed=1)
 MAX_REQUEUES=20                              # self-requeues allowed (preemption + time-limit warnings)

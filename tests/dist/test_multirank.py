@@ -135,3 +135,13 @@ def test_hanging_rank_times_out_with_distributed_error():
     assert status == "ok" and out["error"] is not None
     assert "test all_gather" in out["error"] and "rank 0" in out["error"]
     assert timeout - 1.0 <= out["elapsed"] < timeout + 10.0
+
+
+def test_shipped_ds_configs_train_on_cpu_gloo():
+    names = ["zero2.json", "zero3_offload.json"]
+    res = ok(run_ranks(workers.ds_configs_train, 2, names, timeout=200))
+    for r, out in res.items():
+        for name in names:
+            o = out[name]
+            assert all(np.isfinite(o["losses"])) and o["moved"] > 0, (r, name, o)
+            assert o["fp32_ok"] and o["kept"], (r, name, o)

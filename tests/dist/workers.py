@@ -266,3 +266,49 @@ def _owner_fn_raises(ctx):
     except DistributedError as e:
         return ("DistributedError", str(e))
     return ("none", "")
+
+
+def ds_configs_train(rank, world, names):
+    """Each shipped config trains (2 steps, LoRA moves) on CPU/gloo, and write_trainable sticks
+    through an optimizer step (ZeRO-2 keeps an fp32 master too)."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.models import structure as st
+
+    ctx = TorchDistContext(timeout_s=60)
+    out = {}
+    x = calib_ids()[:2]
+    for name in names:
+        model = build_lora_model()
+        cfg = resolved_ds_config(name, micro_batch=2, lr=1e-2, threshold=0, world=world)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        A = st.lora_parts(st.block_linears(st.blocks(engine.module)[0])["v_proj"])[0]
+        with ctx.gather([A]):
+            before = A.detach().clone()
+        losses = []
+        for _ in range(2):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        with ctx.gather([A]):
+            moved = float((A.detach() - before).abs().max())
+        value = torch.full(tuple(A.ds_shape) if hasattr(A, "ds_shape") else tuple(A.shape), 0.125)
+        ctx.write_trainable(A, value)
+        fp32 = safe_get_full_fp32_param(A)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = 0.0
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss * 0.0)
+        engine.step()
+        with ctx.gather([A]):
+            kept = bool(torch.equal(A.detach().float(), value))
+        out[name] = {"losses": losses, "moved": moved, "fp32_ok": bool(torch.equal(fp32.float(), value)),
+                     "kept": kept, "offload": bool(cfg["zero_optimization"].get("offload_param"))}
+        engine.destroy()
+    ctx.close()
+    return out

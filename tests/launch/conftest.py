@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -93,10 +92,6 @@ def wait_job(job_id: str, timeout: float) -> str:
             return st[0]
         time.sleep(0.5)
     return st[0] if st else "UNKNOWN"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def python_env() -> dict:

@@ -58,9 +58,14 @@ def test_plan_sweep_and_repro(tmp_path):
     assert p.config["train"]["max_steps"] == 4
     with pytest.raises(ConfigError, match="prune.sparsity"):  # validated before submission
         submission.plan_sweep(str(cfg), [], ["prune.sparsity=0.5,1.5"], s)
-    rp = submission.plan_repro(str(cfg), [], [1, 2], s, repeats=1)
+    rp = submission.plan_repro(str(cfg), ["train.batch_size=4"], [1, 2], s, repeats=1)
     assert [(r.label, r.world_size) for r in rp] == [("ws1", 1), ("ws2", 2), ("ws1-repeat1", 1)]
     assert rp[1].output_dir == str(tmp_path / "out" / "repro" / "ws2")
+    # batch_size is per rank: the global batch of the first world size is kept
+    assert [r.config["train"]["batch_size"] for r in rp] == [4, 2, 4]
+    assert submission.per_rank_batch(1, 8, 1, 4) == ["train.batch_size=1", "train.grad_accum=2"]
+    with pytest.raises(ConfigError, match="cannot be split"):
+        submission.per_rank_batch(1, 1, 1, 2)
     big = submission.layout_for_world_size(cluster.SlurmSettings(tasks_per_node=8, gpus_per_node=8), 32)
     assert (big.nodes, big.tasks_per_node, big.gpus_per_node) == (4, 8, 8)
 
@@ -68,7 +73,7 @@ def test_plan_sweep_and_repro(tmp_path):
 def test_submit_cli_dry_run(tmp_path):
     cfg = write_config(tmp_path / "run.json", tiny_config(tmp_path / "out"))
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "sweep", "--config", str(cfg),
-                           "--grid", "prune.sparsity=0.3,0.5", "--grid", "train.seed=0,1", "--nodes", "1",
+                           "--nodes", "1", "--grid", "prune.sparsity=0.3,0.5", "train.seed=0,1",
                            "--tasks-per-node", "2", "--time", "30", "--dry-run", "train.max_steps=4"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -76,3 +81,34 @@ def test_submit_cli_dry_run(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "run", "--config", str(cfg),
                           "--dry-run", "prune.method=nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "prune.method" in bad.stderr
+
+
+def test_sweep_goes_out_as_one_array_per_layout(tmp_path, monkeypatch):
+    cfg = write_config(tmp_path / "run.json", tiny_config(tmp_path / "out"))
+    submitted = []
+
+    class FakeJob:
+        def __init__(self, n):
+            self.job_id = f"7_{n}"
+            self.paths = type("P", (), {"stdout": "o", "stderr": "e"})()
+
+    class FakeExecutor:
+        def __init__(self, settings):
+            self.settings, self.batches = settings, 0
+
+        def batch(self):
+            import contextlib
+            self.batches += 1
+            return contextlib.nullcontext()
+
+        def submit(self, fn):
+            submitted.append((self, fn))
+            return FakeJob(len(submitted) - 1)
+
+    monkeypatch.setattr(submission, "make_executor", lambda s, ex, folder: FakeExecutor(s))
+    plans = submission.plan_sweep(str(cfg), [], ["prune.sparsity=0.3,0.5", "train.seed=0,1"],
+                                  cluster.SlurmSettings(setup=["module load x"]))
+    jobs = submission.submit_plans(plans, "slurm", as_array=True)
+    assert [j.job_id for j in jobs] == ["7_0", "7_1", "7_2", "7_3"]
+    assert len({id(ex) for ex, _ in submitted}) == 1  # one executor, one batch = one array
+    assert [fn.config["output_dir"] for _, fn in submitted] == [p.output_dir for p in plans]

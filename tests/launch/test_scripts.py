@@ -72,7 +72,8 @@ def test_70b_dry_run_carries_the_allocation():
 
 def test_7b_and_cpu_tiny_dry_runs():
     out = dry_run("prune_7b.sh", "gpu[001-002]", "55")
-    assert "configs/llama7b_health.yaml" in out and "ds_config=ds_configs/zero3_offload.json" in out
+    assert "configs/llama7b_health.yaml" in out and "ds_config=ds_configs/zero3.json" in out
+    assert "2 node(s) x 4 task(s) = 8 rank(s), 4 GPU(s)/node" in out
     out = dry_run("cpu_tiny.sh", "vm", "7", "/tmp/tiny.json", "train.max_steps=2")
     assert "1 node(s) x 2 task(s) = 2 rank(s), 0 GPU(s)/node, 1 CPU(s)/task" in out
     assert "--config /tmp/tiny.json train.max_steps=2" in out and "ds_config" not in out

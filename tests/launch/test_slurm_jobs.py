@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import cloudpickle
-import pytest
 
 from xpert_dist.launch import cluster, jobs
 
-from . import helpers
+from . import jobfuncs as helpers
 
 # the job processes unpickle these without needing this test package on their sys.path
 cloudpickle.register_pickle_by_value(helpers)
@@ -29,6 +28,7 @@ def test_tiny_two_task_job_sees_its_ranks(slurm_cluster, submitit_folder):
     assert [r["rank"] for r in res] == [0, 1] and {r["world_size"] for r in res} == {2}
     assert {r["source"] for r in res} == {"submitit"} and {r["local_rank"] for r in res} == {0, 1}
     assert len({(r["master_addr"], r["master_port"]) for r in res}) == 1  # one rendezvous
+    assert jobs.collect(job).result["rank"] == 0  # a multi-task job's result is rank 0's
 
 
 def test_checkpointable_job_preempted_resumes(slurm_cluster, submitit_folder, tmp_path):

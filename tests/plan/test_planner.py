@@ -108,8 +108,8 @@ def test_70b_verdicts_and_suggestions():
     assert good.fits["train"]["accel"] and good.fits["prune"]["accel"], good.suggestions
     assert good.peaks["train"]["accel"] < 80 * GiB
     # the prune step's largest statistic is the down_proj Hessian: I² fp32 = 3 GiB on its owner
-    owned = [t for t in good.terms if t.name == "owned statistic (largest group)"][0]
-    assert owned.bytes == 28672 ** 2 * 4
+    held = [t for t in good.terms if t.name.startswith("reduced statistics held")][0]
+    assert held.bytes == 28672 ** 2 * 4 + (3 * 8192 + 28672) * 4  # down_in alone + every diagonal
 
 
 def test_cli_table_json_and_errors(capsys):

@@ -106,3 +106,14 @@ def test_input_stats_api():
     assert torch.equal(remote.diag, st.diag) and not remote.resident and remote.shape == (2, 2)
     with pytest.raises(DistributedError, match="rank 3"):
         remote.hessian
+
+
+def test_partials_on_another_device_same_bits(model, ids):
+    """Tree partials kept on the host (stats offload) give the same bits (here cpu -> cpu, meta-free)."""
+    a = _seq_stats(model, ids, "full", 2)
+    got = {}
+    sequential_calibration(model, ids, lambda i, b, s: got.__setitem__(i, s), mode="full", batch_size=2,
+                           progress=False, partials_device="cpu")
+    for i in a:
+        for g in a[i]:
+            assert torch.equal(a[i][g].sum, got[i][g].sum)

@@ -15,7 +15,7 @@ Conventions (chosen so that every case has a defined value):
   no longer kept (the Pruner's ``StepReport.moved``); 0.0 when nothing was kept before.
 - ``aggregate``: a mean per layer / module type / overall, optionally weighted. The *pooled* IoU of
   several matrices, ``Σ|a∧b| / Σ|a∨b|``, is the union-weighted mean of their IoUs, so passing the
-  union sizes as weights aggregates IoU exactly (``pooled_iou``).
+  union sizes as weights aggregates IoU exactly; ``pooled_iou`` computes it from the counts.
 """
 from __future__ import annotations
 
@@ -138,7 +138,10 @@ def aggregate(values: Mapping[str, float], by: str = "layer", weights: Mapping[s
         w = 1.0 if weights is None else float(weights[name])
         s, ws = sums.get(key, (0.0, 0.0))
         sums[key] = (s + w * float(v), ws + w)
-    out = {k: (s / ws if ws > 0 else math.nan) for k, (s, ws) in sums.items()}
+    return _ordered({k: (s / ws if ws > 0 else math.nan) for k, (s, ws) in sums.items()}, by)
+
+
+def _ordered(out: dict, by: str) -> dict:
     if by == "layer":
         return dict(sorted(out.items()))
     if by == "module":
@@ -148,9 +151,19 @@ def aggregate(values: Mapping[str, float], by: str = "layer", weights: Mapping[s
 
 
 def pooled_iou(counts: Mapping[str, tuple[int, int]], by: str = "layer") -> dict:
-    """``Σ|a∧b| / Σ|a∨b|`` per group from per-matrix ``(intersection, union)`` counts."""
-    ious = {n: (1.0 if u == 0 else i / u) for n, (i, u) in counts.items()}
-    return aggregate(ious, by, weights={n: float(u) for n, (_, u) in counts.items()})
+    """``Σ|a∧b| / Σ|a∨b|`` per group from per-matrix ``(intersection, union)`` counts (1.0 for a group
+    whose kept sets are all empty)."""
+    if by not in BY:
+        raise StatisticsError(f"pooled_iou by={by!r}; use one of {BY}")
+    sums: dict = {}
+    for name, (inter, union) in counts.items():
+        key = _key(name, by)
+        if key is None:
+            continue
+        i, u = sums.get(key, (0, 0))
+        sums[key] = (i + int(inter), u + int(union))
+    out = {k: (1.0 if u == 0 else i / u) for k, (i, u) in sums.items()}
+    return _ordered(out, by)
 
 
 def grid(values: Mapping[str, float]) -> tuple[list[int], list[str], list[list[float]]]:

@@ -27,9 +27,11 @@ def _finite(values) -> list[float]:
 
 def heatmap_panels(panels: dict[str, dict[str, float]], path: str | Path, title: str, *,
                    label: str = "", vmin: float | None = None, vmax: float | None = None,
-                   cmap: str = "viridis", annotate: bool | None = None) -> Path | None:
+                   cmap: str = "viridis", annotate: bool | None = None,
+                   size: tuple[float, float] | None = None) -> Path | None:
     """One layer x module heat map per panel (per-matrix values keyed by full module names), a shared
-    colour scale (``vmin``/``vmax`` default to the data's range) and one colour bar."""
+    colour scale (``vmin``/``vmax`` default to the data's range) and one colour bar. ``size`` (inches)
+    fixes the figure size; by default it grows with the panels and layers."""
     grids = {name: grid(vals) for name, vals in panels.items() if vals}
     grids = {name: g for name, g in grids.items() if g[0]}
     if not grids:
@@ -43,7 +45,7 @@ def heatmap_panels(panels: dict[str, dict[str, float]], path: str | Path, title:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     n_layers = max(len(g[0]) for g in grids.values())
-    fig = figure(max(FIG_INCHES[0], 2.6 * cols + 1.2), max(3.2, rows * (1.2 + 0.16 * n_layers)))
+    fig = figure(*size) if size else figure(max(FIG_INCHES[0], 2.6 * cols + 1.2), max(3.2, rows * (1.2 + 0.16 * n_layers)))
     image = None
     for k, (name, (layers, modules, g)) in enumerate(grids.items()):
         ax = fig.add_subplot(rows, cols, k + 1)

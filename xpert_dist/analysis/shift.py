@@ -194,14 +194,7 @@ class ShiftAnalysis:
                 target = self.cache / "base_model"
                 if not (target / "config.json").is_file():
                     log.info("materialising %s/%s as %s (once)", source, gguf, target)
-                    model = loading.load_model(m)
-                    tok = loading.load_tokenizer(m)
-                    from ..utils.atomic import atomic_dir
-
-                    with atomic_dir(target) as tmp:
-                        model.save_pretrained(tmp, safe_serialization=True)
-                        tok.save_pretrained(tmp)
-                    del model
+                    materialise(loading.load_model(m), loading.load_tokenizer(m), target)
                 m = dataclasses.replace(m, name_or_path=str(target.resolve()), gguf_file=None)
         self._model_cfg = m
         return m
@@ -469,6 +462,28 @@ class ShiftAnalysis:
         return result
 
 
+def materialise(model, tokenizer, target: Path) -> Path:
+    """Save a (GGUF-dequantised) model as a plain fp32 Hugging Face checkpoint; transformers refuses to
+    save a GGUF-loaded model, so its weights are copied into a plain model of the same config."""
+    from transformers import AutoModelForCausalLM
+
+    from ..utils.atomic import atomic_dir
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"materialise: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
 class _RecordingPruner(Pruner):
     """A Pruner that keeps the per-block diag statistics it scores with (to recompute scores later)."""
 
@@ -537,3 +552,40 @@ def run_shift(cfg: ShiftConfig, command: str | None = None) -> dict:
         result["command"] = command
     write_shift_outputs(result, cfg.out_dir)
     return result
+
+
+def config_from_settings(settings: dict, out_dir: str | Path | None = None) -> ShiftConfig:
+    """The ShiftConfig stored in a ``shift.json`` (``settings``), optionally at another ``out_dir``."""
+    s = dict(settings)
+    s["domains"] = [Domain(**d) for d in s["domains"]]
+    s["model"] = ModelConfig(**s["model"])
+    s["lora"] = LoraSettings(**s["lora"])
+    if out_dir is not None:
+        s["out_dir"] = str(out_dir)
+    known = {f.name for f in dataclasses.fields(ShiftConfig)}
+    return ShiftConfig(**{k: v for k, v in s.items() if k in known})
+
+
+def load_shift(shift_dir: str | Path) -> tuple[dict, ShiftAnalysis]:
+    """(stored result, an analysis object over its cache) of a finished ``shift`` output directory."""
+    path = Path(shift_dir) / "shift.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run `analyze.py shift --out {shift_dir}` first")
+    result = json.loads(path.read_text())
+    cfg = config_from_settings(result["settings"], shift_dir)
+    cfg.progress = False
+    return result, ShiftAnalysis(cfg)
+
+
+def compute_masks(analysis: ShiftAnalysis, phase: str, d: Domain, sparsity: float) -> dict[str, torch.Tensor]:
+    """Keep masks of every pruned matrix of set ``phase:d`` at ``sparsity`` (from its cached statistics)."""
+    c = analysis.cfg
+    group = None if c.calibration == "dense" else float(sparsity)
+    stats = analysis.stats(phase, d, group)
+    model = analysis.model_for(phase, d)
+    pcfg = c.prune_config(sparsity)
+    out = {}
+    for i in range(len(st.blocks(model))):
+        for name, score in layer_scores(model, i, stats["layers"].get(i), pcfg).items():
+            out[name] = choose_mask(pcfg, score, float(sparsity))
+    return out

@@ -156,6 +156,32 @@ def _settings_table(s: dict) -> str:
     return md_table(["setting", "value"], rows)
 
 
+def key_numbers(result: dict) -> list[str]:
+    """One sentence per comparison kind and sparsity: mean IoU over its pairs, and where it is lowest."""
+    lines = []
+    random_iou = {float(k): v for k, v in result.get("random_iou", {}).items()}
+    for comp in _comparison_kinds(result):
+        for sp in sorted({r["sparsity"] for r in _results(result, comp, "iou")}):
+            rs = _results(result, comp, "iou", sp)
+            mean = sum(r["overall"] for r in rs) / len(rs)
+            mods: dict[str, list[float]] = {}
+            lays: dict[str, list[float]] = {}
+            for r in rs:
+                for m, v in r["by_module"].items():
+                    mods.setdefault(m, []).append(v)
+                for k, v in r["by_layer"].items():
+                    lays.setdefault(k, []).append(v)
+            low_m = min(mods, key=lambda m: sum(mods[m]) / len(mods[m]))
+            low_l = min(lays, key=lambda k: sum(lays[k]) / len(lays[k]))
+            sp_rs = _results(result, comp, "spearman", None) or _results(result, comp, "spearman", sp)
+            rho = sum(r["overall"] for r in sp_rs) / len(sp_rs) if sp_rs else math.nan
+            lines.append(f"`{comp}` at sparsity {sp:g}: mean IoU {mean:.3f} over {len(rs)} pair(s) "
+                         f"(random masks {random_iou.get(sp, math.nan):.3f}); lowest in `{low_m}` "
+                         f"({sum(mods[low_m]) / len(mods[low_m]):.3f}) and layer {low_l} "
+                         f"({sum(lays[low_l]) / len(lays[low_l]):.3f}); mean Spearman {_f(rho)}.")
+    return lines
+
+
 def render_markdown(result: dict, figs: dict[str, list[tuple[str, str]]], command: str | None = None) -> str:
     s = result["settings"]
     sparsities = sorted({r["sparsity"] for r in result["results"] if r["metric"] == "iou"})
@@ -170,6 +196,9 @@ def render_markdown(result: dict, figs: dict[str, list[tuple[str, str]]], comman
             "**Spearman** = rank correlation of the per-weight scores of a matrix (1 = same order), "
             "averaged over matrices. Sets are named `phase:domain`: `before` = base model calibrated on the "
             "domain, `after` = the domain-adapted model calibrated on the domain.", ""]
+    key = key_numbers(result)
+    if key:
+        out += ["## Key numbers", ""] + [f"- {k}" for k in key] + [""]
     # summary table
     out += ["## Summary", ""]
     header = ["comparison", "pair"] + [f"IoU @{sp:g}" for sp in sparsities]

@@ -43,6 +43,7 @@ class DistContext:
     rank = 0
     world_size = 1
     zero3 = False
+    partials_device = None  # where calibration tree partials live (None: where they are computed)
 
     # ------------------------------------------------------------------ work split
     def shard(self, n_batches: int) -> range:
@@ -168,11 +169,17 @@ class _Gather:
             if self.gp is not None:
                 for p in self.fresh:
                     ctx._gathered.pop(id(p), None)
-                if isinstance(exc, DistributedError):
+                together = exc is None or getattr(exc, "xpert_all_ranks", False)
+                if isinstance(exc, DistributedError) and not together:
                     # a peer is gone: the re-partition collective would only wait for it; keep the first error
                     return False
-                with guard(f"release of {self.op}", ctx.rank, timeout_s=ctx.timeout_s):
-                    self.gp.__exit__(exc_type, exc, tb)
+                try:
+                    with guard(f"release of {self.op}", ctx.rank, timeout_s=ctx.timeout_s):
+                        self.gp.__exit__(exc_type, exc, tb)
+                except DistributedError:
+                    if exc is None:
+                        raise
+                    log.error("rank %d: releasing %s failed while handling %r", ctx.rank, self.op, exc)
         finally:
             self.stack.close()
         return False
@@ -205,7 +212,8 @@ class TorchDistContext(DistContext):
     """
 
     def __init__(self, zero3: bool | None = None, timeout_s: float | None = None, *, group=None,
-                 device: torch.device | str | None = None, activate: bool = True):
+                 device: torch.device | str | None = None, activate: bool = True,
+                 partials_device: torch.device | str | None = None):
         import torch.distributed as dist
 
         self.timeout_s = timeout_seconds(timeout_s)
@@ -227,6 +235,7 @@ class TorchDistContext(DistContext):
         self._gathered: dict[int, bool] = {}
         self._stat_owners: dict[str, int] = {}
         self._round = 0  # reduce_stats calls so far (same on every rank)
+        self.partials_device = partials_device
         if activate:
             _sequential.activate(self)
 
@@ -481,10 +490,14 @@ class TorchDistContext(DistContext):
                                        f"has {keys}; every rank must pass the same keys in the same order")
         for r, m in enumerate(metas):
             if m["failure"] is not None:
+                # every rank raises here, together: enclosing gathers may release collectively
                 if r == self.rank:
+                    failure_exc.xpert_all_ranks = True
                     raise failure_exc
                 k, msg = m["failure"]
-                raise DistributedError(f"compute_owned: fn({k!r}) failed on its owner rank {r}: {msg}")
+                err = DistributedError(f"compute_owned: fn({k!r}) failed on its owner rank {r}: {msg}")
+                err.xpert_all_ranks = True
+                raise err
         out: dict[str, dict[str, Any]] = {}
         for k in keys:
             o = owners[k]

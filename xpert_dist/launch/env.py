@@ -26,7 +26,6 @@ MASTER_ADDR, MASTER_PORT (what ``torch.distributed`` ``env://`` and
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -317,7 +316,3 @@ def init_from_environment(environ: dict | None = None, install_signal_handlers: 
         signals.install_handlers()
     log.info("distributed environment: %s", dist_env)
     return dist_env
-
-
-def replace(dist_env: DistEnv, **changes) -> DistEnv:
-    return dataclasses.replace(dist_env, **changes)

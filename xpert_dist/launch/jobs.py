@@ -169,7 +169,9 @@ def failure_reason(job, lines: int = 30) -> str:
 
 
 def collect(job, label: str = "", all_tasks: bool = False, lines: int = 30) -> Outcome:
-    """Result of a finished job as an `Outcome` (never raises for job failures)."""
+    """Result of a finished job as an `Outcome` (never raises for job failures).
+
+    Multi-task jobs: rank 0's result, or every task's with ``all_tasks``."""
     out = Outcome(job_id=str(job.job_id), label=label, ok=False,
                   paths={"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
     state = _state(job)
@@ -178,7 +180,11 @@ def collect(job, label: str = "", all_tasks: bool = False, lines: int = 30) -> O
         # pickle that will most likely never come (the log tail below gives the reason)
         job._results_timeout_s = min(job._results_timeout_s, 3)  # noqa: SLF001
     try:
-        out.result = job.results() if all_tasks else job.result()
+        if int(getattr(job, "num_tasks", 1) or 1) > 1:  # submitit refuses result() then
+            results = job.results()
+            out.result = results if all_tasks else results[0]  # rank 0's
+        else:
+            out.result = job.results() if all_tasks else job.result()
         out.ok = True
     except Exception as e:  # noqa: BLE001 - FailedJobError, UncompletedJobError, ...
         out.error = _summarise(e)

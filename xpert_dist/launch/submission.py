@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -142,9 +143,30 @@ def layout_for_world_size(settings: SlurmSettings, world_size: int) -> SlurmSett
     return dataclasses.replace(settings, nodes=world_size // cap, tasks_per_node=cap)
 
 
+def per_rank_batch(batch_size: int, grad_accum: int, base_world: int, world: int) -> list[str]:
+    """Overrides that keep the global batch (``batch_size x grad_accum x world``, with
+    ``batch_size`` per rank) of ``base_world`` ranks at ``world`` ranks: the batch per rank is
+    divided first, then the accumulation; ConfigError when neither divides."""
+    total = batch_size * grad_accum * base_world
+    if total % world:
+        raise ConfigError(f"global batch {total} (train.batch_size={batch_size} x grad_accum={grad_accum} x "
+                          f"{base_world} ranks) cannot be split over {world} ranks")
+    per_rank = total // world
+    if per_rank % grad_accum == 0:
+        return [f"train.batch_size={per_rank // grad_accum}", f"train.grad_accum={grad_accum}"]
+    if per_rank % batch_size == 0:
+        return [f"train.batch_size={batch_size}", f"train.grad_accum={per_rank // batch_size}"]
+    return [f"train.batch_size={per_rank}", "train.grad_accum=1"]
+
+
 def plan_repro(config_path: str | None, overrides: list[str], world_sizes: Sequence[int],
-               settings: SlurmSettings, repeats: int = 1) -> list[JobPlan]:
-    """The same config at each world size (``ws<N>``) and ``repeats`` reruns of the first (``ws<N>-repeat<k>``)."""
+               settings: SlurmSettings, repeats: int = 1, keep_global_batch: bool = True) -> list[JobPlan]:
+    """The same config at each world size (``ws<N>``) and ``repeats`` reruns of the first (``ws<N>-repeat<k>``).
+
+    ``train.batch_size`` is per rank, so with ``keep_global_batch`` the per-rank batch (or the
+    accumulation) is rescaled so every run sees the same global batches as the first world size
+    (the config's values apply to that one): only then can the masks agree.
+    """
     if not world_sizes:
         raise ConfigError("repro needs --world-sizes, e.g. 1,2")
     base = _load(config_path, list(overrides))
@@ -153,7 +175,10 @@ def plan_repro(config_path: str | None, overrides: list[str], world_sizes: Seque
     runs += [(f"ws{world_sizes[0]}-repeat{k}", world_sizes[0]) for k in range(1, repeats + 1)]
     plans = []
     for label, n in runs:
-        ov = list(overrides) + [f"output_dir={root / label}"]
+        ov = list(overrides)
+        if keep_global_batch:
+            ov += per_rank_batch(base["train"]["batch_size"], base["train"]["grad_accum"], world_sizes[0], n)
+        ov.append(f"output_dir={root / label}")
         plans.append(JobPlan(label=label, overrides=ov, config=_load(config_path, ov),
                              settings=layout_for_world_size(settings, n)))
     return plans
@@ -175,9 +200,10 @@ def submit_plans(plans: Sequence[JobPlan], executor: str = "slurm", folder: str 
     stream = stream or sys.stdout
     jobs: list = [None] * len(plans)
     if as_array:
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[str, list[int]] = {}
         for i, p in enumerate(plans):
-            groups.setdefault(dataclasses.astuple(p.settings), []).append(i)
+            key = json.dumps(dataclasses.asdict(p.settings), sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
         for idx in groups.values():
             ex = make_executor(plans[idx[0]].settings, executor, folder)
             with ex.batch():

@@ -52,11 +52,14 @@ class Constants:
     allocator_slack: multiplicative slack of the CUDA caching allocator (fragmentation) applied to
         accelerator terms. Assumed: 1.10. On CPU, glibc's arenas play the same role; the CPU
         validation calibrates ``cpu_allocator_slack``.
-    cpu_allocator_slack: the same for host terms in the CPU case. Calibrated (see above).
+    cpu_allocator_slack: the same for host terms in the CPU case. 1.0 = glibc with a fixed mmap
+        threshold (``MALLOC_MMAP_THRESHOLD_=131072``: freed tensors go back to the OS); glibc's
+        default dynamic threshold retains freed heap, measured as a separate row in
+        bench/results/planner_validation.md.
     headroom: fraction of the device memory the plan may use before it says "does not fit".
     """
 
-    host_baseline_bytes_cpu: float = 0.44 * GiB
+    host_baseline_bytes_cpu: float = 413 * 1024 ** 2  # calibrated: median of 6 ranks, 2026-11-28
     host_baseline_bytes_gpu: float = 4.0 * GiB
     accel_baseline_bytes: float = 1.5 * GiB
     allocator_slack: float = 1.10
@@ -174,9 +177,10 @@ def layer_activation_bytes(m: ModelShape, r: int, dropout: float, b: int, n_lora
 
 
 def logits_bytes_per_token(m: ModelShape, b: int) -> float:
-    """Logits in the model dtype, their fp32 upcast (a no-op in fp32), the saved log-softmax and,
-    in backward, its gradient and the logits' gradient: ``V·(2b + 8 [+ 4 when b < 4])``."""
-    return m.vocab * (2 * b + 8 + (4 if b < 4 else 0))
+    """Peak of the loss in backward (measured on CPU, fp32): the saved fp32 log-softmax, its
+    gradient and the gradient of its input live together (12 B per vocab entry), plus the
+    gradient cast back to the logits' dtype when the model is not fp32 (b)."""
+    return m.vocab * (12 + (b if b < 4 else 0))
 
 
 def tree_peak_partials(start: int, stop: int) -> int:
@@ -245,10 +249,14 @@ def estimate(spec: PlanSpec) -> Plan:
                 "Constants.host_baseline_bytes_gpu (assumed)")
 
     # ------------------------------------------------------------------ training step
-    if z == 3:
-        live = max(m.embed_params(), P_block) + min(spec.prefetch_bucket_params, P_block)
+    gloo = cpu_case  # gloo's all-gather stages through a second full-size output buffer (measured)
+    biggest = max(m.embed_params(), P_block)
+    if z == 3 and W > 1:  # with W = 1 DeepSpeed's fetch skips the all-gather (the partition is the parameter)
+        live = biggest + min(spec.prefetch_bucket_params, P_block)
         add("train", "compute", accel, "ZeRO-3 gathered parameters", live * b,
             "(max(V·h, block) + min(prefetch bucket, block))·b")
+        if gloo:
+            add("train", "compute", "host", "gloo all-gather staging buffer", biggest * b, "max(V·h, block)·b")
     per_layer = layer_activation_bytes(m, spec.lora_r, spec.lora_dropout, b, len(spec.lora_targets))
     if spec.grad_checkpointing:
         add("train", "compute", accel, "activations (checkpointed inputs)", m.layers * T * m.hidden * b,
@@ -257,7 +265,7 @@ def estimate(spec: PlanSpec) -> Plan:
     else:
         add("train", "compute", accel, "activations", m.layers * T * per_layer,
             f"L·T·layer_bytes, layer_bytes = {per_layer:,.0f} B/token")
-    add("train", "compute", accel, "logits + loss", T * logits_bytes_per_token(m, b), "T·V·(2b + 8 [+4])")
+    add("train", "compute", accel, "logits + loss", T * logits_bytes_per_token(m, b), "T·V·(12 [+ b if b < 4])")
 
     # ------------------------------------------------------------------ prune step
     bs = spec.calib_batch or spec.micro_batch
@@ -267,12 +275,19 @@ def estimate(spec: PlanSpec) -> Plan:
     add("prune", "resident", "host", "calibration hidden states (block in + out)",
         2 * rows_local * spec.seq_len * m.hidden * b, f"2·{rows_local} rows·S·h·b (host, this rank's batches)")
     if z == 3:
+        add("prune", "capture", accel, "gathered embedding (capturing block-0 inputs)", m.embed_params() * b,
+            "V·h·b")
+        if gloo:
+            add("prune", "capture", "host", "gloo all-gather staging (embedding)", m.embed_params() * b, "V·h·b")
         add("prune", "resident", accel, "gathered block weights", P_block * b, "block params·b")
+        if gloo:
+            add("prune", "accumulate", "host", "gloo all-gather staging (block)", P_block * b, "block params·b")
     next_block = spec.method == "foresight"
     n_lin = m.block_linear_params()
     nxt = m.block_linear_params(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) if next_block else 0
     if z == 3 and next_block:
-        add("prune", "solve", accel, "gathered next block (ForeSight consumers)", P_block * b, "block params·b")
+        add("prune", "solve", accel, "gathered next block (ForeSight consumers)", P_block * b * (2 if gloo else 1),
+            "block params·b" + (" (x2: gloo staging)" if gloo else ""))
     Tb = bs * spec.seq_len
     add("prune", "accumulate", accel, "block forward (no grad, one batch)",
         Tb * b * (3 * m.hidden + m.q_dim + 2 * m.kv_dim + 3 * m.intermediate), "T_b·b·(3h + q + 2kv + 3I)")
@@ -301,7 +316,13 @@ def estimate(spec: PlanSpec) -> Plan:
             add("prune", "solve", accel, "reduction receive buffer (owner)", big, "largest group")
         if spec.stats_offload == "disk":
             add("prune", "solve", "disk", "finished statistics (one block)", total_group, "Σ_groups")
-        add("prune", "solve", accel, "owned statistic (largest group)", big, "largest group, on its owner")
+        from ..dist.owners import assign_owners
+
+        owners = assign_owners(group_bytes, W)
+        held = max(sum(v for g, v in group_bytes.items() if owners[g] == r) for r in range(W))
+        diag_rest = sum(d * sb for g, d in dims.items()) if needs_full else 0
+        add("prune", "solve", accel, "reduced statistics held (worst owner) + diagonals", held + diag_rest,
+            "Σ owned groups (assign_owners) + Σ_groups d·stats bytes")
     add("prune", "solve", accel, "effective weights U (fp32)", (n_lin + nxt) * 4,
         "block linears (+ next block's q,k,v,gate,up for ForeSight)·4B")
     if spec.method != "sparsegpt":
@@ -330,7 +351,7 @@ def estimate(spec: PlanSpec) -> Plan:
 
     # ------------------------------------------------------------------ peaks
     peaks, fits = {}, {}
-    for step, phases in (("train", ("compute",)), ("prune", ("accumulate", "solve"))):
+    for step, phases in (("train", ("compute",)), ("prune", ("capture", "accumulate", "solve"))):
         res = {}
         for where in ("accel", "host", "disk"):
             base = sum(t.bytes for t in terms if t.step == step and t.where == where and t.phase == "resident")

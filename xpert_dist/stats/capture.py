@@ -152,6 +152,10 @@ class StatsCollector:
     contiguous increasing run per statistic. Without ``set_batch``, every hook call is its own
     leaf (numbered 0, 1, ... per statistic).
 
+    ``partials_device`` (e.g. ``"cpu"``): finished leaves move there, so only the leaf being
+    accumulated stays on the accelerator and the ``O(log K)`` partial sums live in host memory
+    (additions on the host are exact IEEE additions too: same bits).
+
     ``reduction="tree"`` (default) keeps the canonical-tree partials (``InputStats.nodes``) for a
     bit-exact distributed reduction; ``"running"`` keeps one running sum (less memory: one
     accumulator instead of up to ``2·log2(K)``; its distributed reduction is deterministic for a
@@ -159,12 +163,13 @@ class StatsCollector:
     """
 
     def __init__(self, linears: dict[str, nn.Module], mode: str = "diag", dtype: torch.dtype = torch.float32,
-                 reduction: str = "tree"):
+                 reduction: str = "tree", partials_device: torch.device | str | None = None):
         if mode not in MODES:
             raise StatisticsError(f"unknown statistics mode {mode!r}; use one of {MODES}")
         if reduction not in ("tree", "running"):
             raise StatisticsError(f"unknown reduction {reduction!r}; use 'tree' or 'running'")
         self.mode, self.dtype, self.reduction = mode, dtype, reduction
+        self.partials_device = torch.device(partials_device) if partials_device is not None else None
         self._trees: dict[str, TreeSum] = {}
         self._leaf: dict[str, tuple[int, torch.Tensor]] = {}
         self._sums: dict[str, torch.Tensor] = {}  # running reduction
@@ -190,7 +195,10 @@ class StatsCollector:
     def _flush(self, gkey: str) -> None:
         leaf = self._leaf.pop(gkey, None)
         if leaf is not None:
-            self._trees.setdefault(gkey, TreeSum(inplace=True)).push(*leaf)
+            idx, value = leaf
+            if self.partials_device is not None and value.device != self.partials_device:
+                value = value.to(self.partials_device)  # finished leaf: the tree partials live there
+            self._trees.setdefault(gkey, TreeSum(inplace=True)).push(idx, value)
 
     def _hook(self, gkey: str):
         def fn(_module, args, _out):

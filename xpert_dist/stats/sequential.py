@@ -136,7 +136,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                            recompute: bool = True, progress: bool = True, desc: str = "calibrate",
                            batch_indices: Sequence[int] | None = None, ctx=None,
                            forward_context: contextlib.AbstractContextManager | None = None,
-                           reduction: str = "tree") -> None:
+                           reduction: str = "tree", partials_device=None) -> None:
     """Call ``on_block(i, block, stats)`` for every decoder block, in order, with that block's
     statistics computed on inputs that already went through the (pruned) earlier blocks.
 
@@ -146,11 +146,14 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
     ``input_ids`` are this process's calibration rows, cut into batches of ``batch_size``;
     ``batch_indices[j]`` is the global index of local batch ``j`` (default ``0, 1, ...``, or from
     ``ctx``). Under several ranks the statistics passed to ``on_block`` are this rank's partials
-    (possibly empty); ``ctx.reduce_stats`` turns them into the global ones.
+    (possibly empty); ``ctx.reduce_stats`` turns them into the global ones. ``partials_device``
+    (default: ``ctx.partials_device`` if set) keeps the tree partials there (``"cpu"``: host memory).
     """
     n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
     batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
                                                             forward_context, model)
+    if partials_device is None:
+        partials_device = getattr(ctx if ctx is not None else active_context(), "partials_device", None)
     was_training = model.training
     model.eval()
     layers = blocks(model)
@@ -164,7 +167,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
             for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
                 linears = block_linears(block, names) if names else block_linears(block)
                 with gather_block(block):
-                    with StatsCollector(linears, mode=mode, dtype=dtype, reduction=reduction) as col:
+                    with StatsCollector(linears, mode=mode, dtype=dtype, reduction=reduction,
+                                        partials_device=partials_device) as col:
                         outs = []
                         for g, h in zip(batch_indices, hidden):
                             col.set_batch(g)
