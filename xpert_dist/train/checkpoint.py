@@ -21,10 +21,9 @@ from ..launch import checkpoint_io, signals
 log = logging.getLogger(__name__)
 
 
-def should_save(cfg: RunConfig, step: int, total: int) -> bool:
-    """Periodic checkpoint due, or a stop was requested (SLURM's signal before the time limit)."""
+def periodic_due(cfg: RunConfig, step: int, total: int) -> bool:
     every = cfg.train.checkpoint_every
-    return signals.stop_requested() or (every > 0 and step % every == 0 and step < total)
+    return every > 0 and step % every == 0 and step < total
 
 
 def _model_state(model, ctx: DistContext) -> dict[str, torch.Tensor]:
@@ -35,7 +34,9 @@ def _model_state(model, ctx: DistContext) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history: list) -> Path:
+def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history: list,
+         stop: bool = False) -> Path:
+    """Write a checkpoint; with ``stop`` (a synchronised stop request) raise Preempted afterwards."""
     from safetensors.torch import save_file
 
     root = Path(out) / "checkpoints"
@@ -58,7 +59,7 @@ def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history:
     if ctx.rank == 0:
         checkpoint_io.prune_old(root, keep=2)
         log.info("checkpoint %s written", final)
-    if signals.stop_requested(sync=False):
+    if stop:
         raise signals.Preempted(f"stopped after step {step}; checkpoint {final}")
     return final
 

@@ -106,7 +106,18 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        return sum(losses) / len(losses)
+        return self._mean_over_ranks(sum(losses) / len(losses))
+
+    @staticmethod
+    def _mean_over_ranks(value: float) -> float:
+        """The step's loss averaged over ranks, so logs and manifests do not depend on the world size."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
 
     def _average_gradients(self) -> None:
         """Data parallelism without DeepSpeed (torchrun, srun): mean of the LoRA gradients over ranks."""

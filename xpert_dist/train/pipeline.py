@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..dist.context import DistContext
+from ..launch import signals
 from ..models import loading, structure as st
 from ..models.lora import wrap_lora
 from ..prune.pruner import Pruner
@@ -113,8 +114,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}")
         if rank == 0 and (step % cfg.train.log_every == 0):
             log.info("step %d/%d loss %.4f", step, total, loss)
-        if checkpoint.should_save(cfg, step, total):
-            checkpoint.save(out, step, model, engine, pruner, ctx, history)
+        stop = signals.stop_requested()  # collective: every rank polls at the same point
+        if stop or checkpoint.periodic_due(cfg, step, total):
+            checkpoint.save(out, step, model, engine, pruner, ctx, history, stop=stop)
     bar.close()
     train_seconds = time.perf_counter() - t_train - prune_seconds
 
