@@ -107,8 +107,6 @@ class Timer:
 
 
 def lora_steps(model, opt, ids, steps: int, timer_device):
-    import torch
-
     times, losses = [], []
     for s in range(steps):
         x = ids[s % ids.shape[0]]

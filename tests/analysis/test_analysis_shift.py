@@ -6,7 +6,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from xpert_dist.analysis import shift as S
 from xpert_dist.config import ModelConfig

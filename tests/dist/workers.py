@@ -5,7 +5,6 @@ Heavy imports stay inside the functions: a child imports this module before it r
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -66,11 +65,12 @@ def tree_transport(rank, world, ks, shape):
     """Every rank pushes its shard of K random leaves; the owner's result is returned."""
     import torch
 
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.dist.context import TorchDistContext, from_environment
     from xpert_dist.stats.capture import InputStats
     from xpert_dist.stats.tree import TreeSum
 
-    ctx = TorchDistContext(timeout_s=30)
+    ctx = from_environment(timeout_s=30)  # WORLD_SIZE=2 in the environment: initialises gloo
+    assert isinstance(ctx, TorchDistContext) and ctx.world_size == world and ctx.backend == "gloo"
     out = {}
     for K in ks:
         g = torch.Generator().manual_seed(K)
@@ -93,8 +93,6 @@ def tree_transport(rank, world, ks, shape):
 def stats_and_prune_plain(rank, world, pbs):
     """No ZeRO: every rank holds a replica. Statistics of each block (reduced, owner + remote views)
     and a full one-shot prune (lead's prune(), ForeSight + PBS) through TorchDistContext."""
-    import torch
-
     from xpert_dist.dist.context import TorchDistContext
     from xpert_dist.prune.oneshot import prune
     from xpert_dist.stats.sequential import sequential_calibration, shard_rows

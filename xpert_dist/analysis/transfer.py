@@ -42,7 +42,7 @@ from ..report import plots as rplots
 from ..report.results import atomic_write_text, fmt_value, md_table
 from ..utils.atomic import atomic_write_json
 from . import metrics as M
-from .shift import BUILTIN_DOMAINS, Domain, _key, _sp, compute_masks, load_shift
+from .shift import BUILTIN_DOMAINS, _key, _sp, compute_masks, load_shift
 
 log = logging.getLogger(__name__)
 
