@@ -170,3 +170,16 @@ def test_qlora_4bit_base_prunes_and_exports_dense_sparse(tmp_path):
     for name, keep in masks.items():
         assert int((~keep).sum()) == round(0.5 * keep.numel())
         assert float(sd[f"{name}.weight"][~keep].abs().max()) == 0.0
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
+    from xpert_dist.launch import signals
+
+    cfg = tiny_cfg(tmp_path / "run", train={"checkpoint_every": 2})
+    monkeypatch.setattr(signals, "stop_requested", lambda sync=True: True)
+    with pytest.raises(signals.Preempted):
+        pipeline.run(cfg, progress=False)
+    monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
+    changed = tiny_cfg(tmp_path / "run", train={"checkpoint_every": 2}, prune={"sparsity": 0.3})
+    with pytest.raises(ConfigError, match="prune.sparsity"):
+        pipeline.run(changed, progress=False)

@@ -16,6 +16,7 @@ import torch
 
 from ..config import RunConfig
 from ..dist.context import DistContext
+from ..errors import ConfigError
 from ..launch import checkpoint_io, signals
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,28 @@ def _model_state(model, ctx: DistContext) -> dict[str, torch.Tensor]:
     return sd
 
 
+RESUME_SECTIONS = ("model", "lora", "data", "prune", "train")
+
+
+def _resume_relevant(cfg: RunConfig) -> dict:
+    """The parts of the config a checkpoint's state depends on (evaluation and paths may change)."""
+    d = cfg.to_dict()
+    return {k: d[k] for k in RESUME_SECTIONS}
+
+
+def _check_same_config(path: Path, saved: dict | None, cfg: RunConfig) -> None:
+    if saved is None:
+        return
+    now = _resume_relevant(cfg)
+    diff = sorted(f"{sec}.{k}" for sec in RESUME_SECTIONS for k in set(now[sec]) | set(saved.get(sec, {}))
+                  if now[sec].get(k) != saved.get(sec, {}).get(k))
+    if diff:
+        raise ConfigError(f"checkpoint {path} was written by a different run config ({', '.join(diff)}); "
+                          f"resume with the same config, or use a new output_dir")
+
+
 def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history: list,
-         stop: bool = False) -> Path:
+         *, cfg: RunConfig, stop: bool = False) -> Path:
     """Write a checkpoint; with ``stop`` (a synchronised stop request) raise Preempted afterwards."""
     from safetensors.torch import save_file
 
@@ -45,7 +66,8 @@ def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history:
     def writer(tmp: Path) -> None:
         if ctx.rank == 0:
             save_file(sd, str(tmp / "model.safetensors"))
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, "loss_history": history}))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "loss_history": history,
+                                                          "config": _resume_relevant(cfg)}))
             torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
         torch.save(pruner.state_dict(), tmp / f"pruner-rank{ctx.rank}.pt")
         if engine.deepspeed:
@@ -64,7 +86,7 @@ def save(out: Path, step: int, model, engine, pruner, ctx: DistContext, history:
     return final
 
 
-def resume(out: Path, model, engine, pruner, ctx: DistContext) -> dict:
+def resume(out: Path, model, engine, pruner, ctx: DistContext, cfg: RunConfig) -> dict:
     """Load the newest complete checkpoint under ``out/checkpoints`` if any; returns trainer state."""
     from safetensors.torch import load_file
 
@@ -74,6 +96,8 @@ def resume(out: Path, model, engine, pruner, ctx: DistContext) -> dict:
     if path is None:
         return {}
     path = Path(path)
+    state = json.loads((path / "trainer.json").read_text())
+    _check_same_config(path, state.get("config"), cfg)
     log.info("resuming from %s", path)
     if engine.deepspeed:
         engine.engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False)
@@ -97,6 +121,5 @@ def resume(out: Path, model, engine, pruner, ctx: DistContext) -> dict:
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    state = json.loads((path / "trainer.json").read_text())
     engine.steps_done = state["step"]
     return state

@@ -95,7 +95,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     engine = Engine(model, cfg, total, world)
     model = engine.module
 
-    state = checkpoint.resume(out, model, engine, pruner, ctx)
+    state = checkpoint.resume(out, model, engine, pruner, ctx, cfg)
     step = state.get("step", 0)
     history: list[list[float]] = state.get("loss_history", [])
     prune_at = dict(zip(plan.steps, plan.sparsities))
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
             log.info("step %d/%d loss %.4f", step, total, loss)
         stop = signals.stop_requested()  # collective: every rank polls at the same point
         if stop or checkpoint.periodic_due(cfg, step, total):
-            checkpoint.save(out, step, model, engine, pruner, ctx, history, stop=stop)
+            checkpoint.save(out, step, model, engine, pruner, ctx, history, stop=stop, cfg=cfg)
     bar.close()
     train_seconds = time.perf_counter() - t_train - prune_seconds
 
