@@ -101,7 +101,8 @@ class DistContext:
         pass
 
 
-def from_environment(zero3: bool | None = None, timeout_s: float | None = None) -> DistContext:
+def from_environment(zero3: bool | None = None, timeout_s: float | None = None,
+                     partials_device: torch.device | str | None = None) -> DistContext:
     """The right context for this process: :class:`TorchDistContext` when torch.distributed is
     initialised or the environment describes several ranks (it is then initialised), otherwise
     the single-process :class:`DistContext`."""
@@ -109,7 +110,7 @@ def from_environment(zero3: bool | None = None, timeout_s: float | None = None) 
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if dist.is_available() and (dist.is_initialized() or world > 1):
-        return TorchDistContext(zero3=zero3, timeout_s=timeout_s)
+        return TorchDistContext(zero3=zero3, timeout_s=timeout_s, partials_device=partials_device)
     return DistContext()
 
 

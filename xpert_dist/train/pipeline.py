@@ -35,11 +35,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def make_context(zero3: bool) -> DistContext:
-    """The DistContext for this process: multi-rank/ZeRO-3 aware when torch.distributed is up."""
+def make_context(zero3: bool, offload: str = "none") -> DistContext:
+    """The DistContext for this process: multi-rank/ZeRO-3 aware when torch.distributed is up;
+    with statistics offload on, calibration partial sums live in host memory."""
     from ..dist.context import from_environment
 
-    return from_environment(zero3=zero3)
+    return from_environment(zero3=zero3, partials_device="cpu" if offload != "none" else None)
 
 
 def preflight(cfg: RunConfig, world_size: int) -> dict | None:
@@ -83,7 +84,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     spe = steps_per_epoch(len(data), cfg, world)
     total = spe * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, spe * cfg.train.epochs)
     plan = plan_prune_steps(cfg.prune, spe, total)
-    ctx = make_context(zero3=_zero_stage(ds) == 3)
+    ctx = make_context(zero3=_zero_stage(ds) == 3, offload=cfg.prune.offload)
     pruner = Pruner(cfg.prune, ctx, batch_size=cfg.train.batch_size, progress=progress and rank == 0)
     if rank == 0:
         log.info("run %s: %d optimizer steps (%d per epoch), prune steps before %s, world size %d%s",
