@@ -162,3 +162,13 @@ def test_bad_settings_are_refused(tmp_path):
         S.ShiftAnalysis(S.ShiftConfig(out_dir=str(tmp_path), domains=doms, method="sparsegpt"))
     with pytest.raises(ConfigError, match="adapt_domains"):
         S.ShiftAnalysis(S.ShiftConfig(out_dir=str(tmp_path), domains=doms, adapt_domains=["legal"]))
+
+
+def test_report_orders_layers_numerically_after_a_json_round_trip():
+    from xpert_dist.analysis.shift_report import normalise
+
+    res = {"results": [{"by_layer": {"0": 0.9, "1": 0.8, "10": 0.5, "2": 0.7},
+                        "by_module": {"down_proj": 1, "k_proj": 2, "q_proj": 3, "up_proj": 4}}]}
+    r = normalise(res)["results"][0]
+    assert list(r["by_layer"]) == ["0", "1", "2", "10"]
+    assert list(r["by_module"]) == ["q_proj", "k_proj", "up_proj", "down_proj"]

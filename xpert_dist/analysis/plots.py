@@ -77,7 +77,6 @@ def layer_curves(panels: dict[str, dict[str, tuple[list[int], list[float]]]], pa
     if not panels:
         return None
     ys = _finite(y for lines in panels.values() for _, vals in lines.values() for y in vals)
-    ys += list((hlines or {}).values())
     if ylim is None and ys:
         pad = 0.05 * max(1e-6, max(ys) - min(ys))
         ylim = (min(ys) - pad, max(ys) + pad)
@@ -90,7 +89,10 @@ def layer_curves(panels: dict[str, dict[str, tuple[list[int], list[float]]]], pa
         for label, (xs, ys) in lines.items():
             ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, label=label)
         for label, y in (hlines or {}).items():
-            ax.axhline(y, color="grey", linestyle="--", linewidth=0.9, label=label)
+            if ylim is None or ylim[0] <= y <= ylim[1]:
+                ax.axhline(y, color="grey", linestyle="--", linewidth=0.9, label=label)
+            else:  # far outside the data: named in the legend instead of squashing the curves
+                ax.plot([], [], " ", label=f"{label}: off scale")
         ax.set_title(pname, fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)

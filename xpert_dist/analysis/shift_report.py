@@ -15,6 +15,7 @@ import math
 import re
 from pathlib import Path
 
+from ..config import LLAMA_LINEARS
 from ..report import plots as rplots
 from ..report.results import atomic_write_text, md_table
 from ..utils.atomic import atomic_write_json
@@ -43,6 +44,24 @@ def _csv(rows: list[list], header: list[str]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+def _order(d: dict, by: str) -> dict:
+    """Layer keys in numeric order, module keys in Llama order (a JSON round trip sorts keys as text)."""
+    if by == "layer":
+        return {str(k): d[k] for k in sorted(d, key=lambda k: int(k))}
+    order = [m for m in LLAMA_LINEARS if m in d] + sorted(set(d) - set(LLAMA_LINEARS))
+    return {m: d[m] for m in order}
+
+
+def normalise(result: dict) -> dict:
+    """``result`` with every ``by_layer`` / ``by_module`` mapping in display order (in place)."""
+    items = list(result.get("results", []))
+    items += [s for mv in (result.get("movement") or {}).values() for s in mv.get("steps", [])]
+    for r in items:
+        r["by_layer"] = _order(r.get("by_layer", {}), "layer")
+        r["by_module"] = _order(r.get("by_module", {}), "module")
+    return result
 
 
 def _comparison_kinds(result: dict) -> list[str]:
@@ -284,6 +303,7 @@ def write_shift_outputs(result: dict, out_dir: str | Path, command: str | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     if command:
         result = dict(result, command=command)
+    normalise(result)
     atomic_write_json(out_dir / "shift.json", result)
     write_csvs(result, out_dir)
     figs = write_figures(result, out_dir)

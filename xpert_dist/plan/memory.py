@@ -346,8 +346,8 @@ def estimate(spec: PlanSpec) -> Plan:
     if spec.method == "foresight" and spec.ema:
         add("prune", "resident", accel, "ForeSight EMA scores (owned modules, all blocks)",
             math.ceil(m.layers / W) * n_lin * 4, "⌈L/W⌉·block linears·4B (owners rotate across blocks)")
-    add("prune", "resident", "host", "kept masks of every module (bool, every rank)", m.layers * n_lin,
-        "L·block linears·1B (Pruner.masks)")
+    add("prune", "resident", "host", "kept masks of every module (bit-packed, every rank)",
+        -(-m.layers * n_lin // 8), "L·block linears/8 B (Pruner.masks, a MaskStore)")
 
     # ------------------------------------------------------------------ peaks
     peaks, fits = {}, {}

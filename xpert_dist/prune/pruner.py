@@ -24,6 +24,7 @@ from ..maths import consumers, masks as mask_ops, scores as score_ops
 from ..models import structure as st
 from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
+from .maskstore import MaskStore
 from .block import ModuleInput, ModuleResult, block_scores, prune_module, stats_mode
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Pruner:
         self.batch_size = batch_size
         self.progress = progress
         self.ema: dict[str, torch.Tensor] = {}
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks = MaskStore()  # latest kept masks, bit-packed on the host
         self.reports: list[StepReport] = []
 
     # ------------------------------------------------------------------ state (checkpointing)
@@ -69,7 +70,7 @@ class Pruner:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema = dict(state.get("ema", {}))
-        self.masks = dict(state.get("masks", {}))
+        self.masks = MaskStore(state.get("masks", {}))
         self.reports = [StepReport(**r) for r in state.get("reports", [])]
 
     # ------------------------------------------------------------------ one prune step
@@ -111,7 +112,7 @@ class Pruner:
             raise ConfigError(f"prune.method={cfg.method} needs calibration data")
         per_layer = self.layer_sparsities(model, calib_ids, sparsity) if fixed_masks is None else None
         report = StepReport(step=len(self.reports), final=final, target_sparsity=sparsity, seconds=0.0)
-        previous = dict(self.masks)
+        previous = self.masks.copy()
 
         def on_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
             if stats is not None:

@@ -123,7 +123,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging
     if cfg.prune.method != "none":
-        fixed = dict(pruner.masks) if plan.before_training else None
+        fixed = pruner.masks.copy() if plan.before_training else None
         rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
         prune_seconds += rep.seconds
     results = finish(cfg, model, tokenizer, pruner, ctx, data, history, plan,
