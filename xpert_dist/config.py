@@ -83,6 +83,7 @@ class PruneConfig:
     ramp: str = "constant"  # constant | cubic
     modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
     stats_dtype: str = "float32"  # float32 | float64
+    solver_dtype: str = "float32"  # float32 | float64 (SparseGPT's OBS updates)
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
     offload: str = "cpu"  # none | cpu | disk (finished statistics)
@@ -258,6 +259,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.schedule", p.schedule, SCHEDULES)
     _choice("prune.ramp", p.ramp, ("constant", "cubic"))
     _choice("prune.stats_dtype", p.stats_dtype, ("float32", "float64"))
+    _choice("prune.solver_dtype", p.solver_dtype, ("float32", "float64"))
     _choice("prune.offload", p.offload, ("none", "cpu", "disk"))
     if not 0.0 < p.ema_eta <= 1.0:
         raise ConfigError(f"prune.ema_eta={p.ema_eta} must be in (0, 1]")

@@ -9,5 +9,5 @@ nice -n 10 "$PY" launchers/analyze.py shift --model smollm2 --domains general,he
     --adapt-steps 12 --adapt-domains health,legal --adapt-batch-size 2 --adapt-seq-len 256 --adapt-lr 1e-3 \
     --out bench/shift/smollm2 --no-progress
 nice -n 10 "$PY" launchers/analyze.py transfer --shift-dir bench/shift/smollm2 --targets health,legal \
-    --sources before:general,after:other,after:self --tasks none --perplexity-windows 16 --perplexity-seq-len 256 \
+    --sources before:general,after:other,after:self --tasks none --perplexity-windows 8 --perplexity-seq-len 256 \
     --out bench/shift/smollm2_transfer --no-progress

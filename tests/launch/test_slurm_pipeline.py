@@ -113,8 +113,6 @@ def test_preempted_job_requeues_and_resumes_with_identical_masks(reference_runs,
     assert mp["final_loss"] == pytest.approx(ms["final_loss"], rel=1e-5)
 
 
-@pytest.mark.skipif(os.environ.get("XPERT_LAUNCH_SLOW") != "1",
-                    reason="~50 s more; set XPERT_LAUNCH_SLOW=1 (keeps tests/launch under 4 minutes)")
 def test_submitit_pipeline_job_preempted_resumes(reference_runs, tmp_path, monkeypatch):
     """launchers/submit.py's path: PipelineJob on SLURM, preempted with job._interrupt(), requeued by
     submitit after the pipeline's own checkpoint; same masks as the uninterrupted single process."""

@@ -111,7 +111,8 @@ def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Ten
         weight, keep = sparsegpt.sparsegpt_prune(U, st.hessian.float(), sparsity,
                                                  pattern=masks.parse_pattern(cfg.pattern),
                                                  blocksize=cfg.sparsegpt_blocksize,
-                                                 percdamp=cfg.sparsegpt_percdamp)
+                                                 percdamp=cfg.sparsegpt_percdamp,
+                                                 dtype=getattr(torch, cfg.solver_dtype))
     else:
         keep = choose_mask(cfg, score, sparsity)
         weight = U * keep
