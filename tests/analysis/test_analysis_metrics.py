@@ -39,6 +39,11 @@ def test_iou_rejects_bad_input():
         M.iou(torch.tensor([1, 0]), b(1, 0))
 
 
+def test_changed_share_of_equal_size_kept_sets():
+    a, c = b(1, 1, 1, 1, 0, 0), b(1, 1, 1, 0, 1, 0)  # 3 of 4 shared: IoU 3/5, 1 of 4 differs
+    assert M.changed_share(M.iou(a, c)) == pytest.approx(M.moved_share(a, c)) == pytest.approx(0.25)
+
+
 def test_random_iou_matches_simulation():
     assert M.random_iou(0.5) == pytest.approx(1 / 3)
     assert M.random_iou(0.4) == pytest.approx(0.6 / 1.4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xpert_dist.config import config_from_dict
-from xpert_dist.errors import ConfigError, XpertError
+from xpert_dist.errors import ConfigError
 from xpert_dist.train import pipeline
 
 from helpers import SHARED_DATA

@@ -30,7 +30,7 @@ from ..errors import StatisticsError
 from ..maths.scores import check_finite
 from ..report.results import parse_module, sparsity_grid
 
-__all__ = ["overlap_counts", "iou", "random_iou", "average_ranks", "spearman", "spearman_from_ranks",
+__all__ = ["overlap_counts", "iou", "random_iou", "changed_share", "average_ranks", "spearman", "spearman_from_ranks",
            "moved_share", "aggregate", "pooled_iou", "grid", "movement_from_reports"]
 
 BY = ("layer", "module", "all")
@@ -64,6 +64,12 @@ def random_iou(sparsity: float) -> float:
     if not 0.0 <= k <= 1.0:
         raise StatisticsError(f"sparsity {sparsity} must be in [0, 1]")
     return 1.0 if k == 0.0 else k / (2.0 - k)
+
+
+def changed_share(iou_value: float) -> float:
+    """For two kept sets of equal size with IoU ``iou_value``: the share of one that the other does not
+    keep, ``(1 - IoU) / (1 + IoU)`` (masks at one exact sparsity have equal-size kept sets)."""
+    return (1.0 - iou_value) / (1.0 + iou_value)
 
 
 def average_ranks(x: Tensor) -> Tensor:

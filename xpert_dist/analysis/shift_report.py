@@ -20,6 +20,7 @@ from ..report import plots as rplots
 from ..report.results import atomic_write_text, md_table
 from ..utils.atomic import atomic_write_json
 from . import plots
+from .metrics import changed_share
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,9 @@ def key_numbers(result: dict) -> list[str]:
             low_l = min(lays, key=lambda k: sum(lays[k]) / len(lays[k]))
             sp_rs = _results(result, comp, "spearman", None) or _results(result, comp, "spearman", sp)
             rho = sum(r["overall"] for r in sp_rs) / len(sp_rs) if sp_rs else math.nan
-            lines.append(f"`{comp}` at sparsity {sp:g}: mean IoU {mean:.3f} over {len(rs)} pair(s) "
-                         f"(random masks {random_iou.get(sp, math.nan):.3f}); lowest in `{low_m}` "
+            lines.append(f"`{comp}` at sparsity {sp:g}: mean IoU {mean:.3f} over {len(rs)} pair(s), i.e. "
+                         f"{100 * changed_share(mean):.1f} % of a kept set differs "
+                         f"(random masks: IoU {random_iou.get(sp, math.nan):.3f}); lowest in `{low_m}` "
                          f"({sum(mods[low_m]) / len(mods[low_m]):.3f}) and layer {low_l} "
                          f"({sum(lays[low_l]) / len(lays[low_l]):.3f}); mean Spearman {_f(rho)}.")
     return lines
@@ -209,7 +211,8 @@ def render_markdown(result: dict, figs: dict[str, list[tuple[str, str]]], comman
     if command:
         out += ["Command:", "", "```bash", command, "```", ""]
     out += ["How to read: **IoU** = |kept in both| / |kept in either| of two masks at the same sparsity "
-            "(1 = identical masks; two independent random masks give "
+            "(1 = identical masks; masks at one sparsity keep equally many weights, so (1 - IoU) / (1 + IoU) of a "
+            "kept set is not kept by the other mask; two independent random masks give "
             + ", ".join(f"{random_iou[sp]:.3f} at {sp:g}" for sp in sparsities if sp in random_iou)
             + "); overall and per-layer IoU are pooled over matrices (Σ intersections / Σ unions). "
             "**Spearman** = rank correlation of the per-weight scores of a matrix (1 = same order), "

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..dist.context import DistContext
 from ..errors import ConfigError
-from ..maths import consumers, masks as mask_ops, scores as score_ops
+from ..maths import masks as mask_ops, scores as score_ops
 from ..models import structure as st
 from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
 from .maskstore import MaskStore
-from .block import ModuleInput, ModuleResult, block_scores, prune_module, stats_mode
+from .block import ModuleInput, block_scores, prune_module, stats_mode
 
 log = logging.getLogger(__name__)
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
