@@ -28,13 +28,13 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else __doc__,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["xpert_dist", "xpert_dist.*"]),
-    package_data={"xpert_dist": ["data/samples/*", "data/samples/*/*", "plan/model_configs/*.json", "configs/*.yaml"]},
+    package_data={"xpert_dist": ["data/samples/*", "data/samples/*/*", "plan/model_configs/*.json", "eval/lm_eval_tasks/*.yaml"]},
     python_requires=">=3.10",
     install_requires=REQUIRES,
     extras_require={
         "quant": ["bitsandbytes==0.50.2"],
         "dev": ["pytest==9.2.0", "bitsandbytes==0.50.2"],
-        "eval": ["lm_eval==0.4.13"],
+        "eval": ["lm_eval[hf]==0.4.13"],
     },
     entry_points={"console_scripts": ["xpert-dist=xpert_dist.cli:main"]},
 )
