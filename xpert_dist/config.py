@@ -152,6 +152,8 @@ def _build(cls, data: dict, prefix: str = ""):
         hint = hints[f.name]
         if is_dataclass(hint):
             value = _build(hint, value or {}, prefix + f.name + ".")
+        elif isinstance(value, bool) and "str" in str(hint) and "bool" not in str(hint):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/no as False (pbs: off)
         kwargs[f.name] = value
     return cls(**kwargs)
 

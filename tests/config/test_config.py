@@ -63,3 +63,13 @@ def test_shipped_configs_validate():
     for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.name
+
+
+def test_yaml_off_means_off(tmp_path):
+    """YAML 1.1 reads a bare `off` as False; string settings keep meaning 'off'."""
+    y = tmp_path / "c.yaml"
+    y.write_text("prune: {pbs: off}\n")
+    assert load_config(y).prune.pbs == "off"
+    assert load_config(None, ["prune.pbs=off"]).prune.pbs == "off"
+    with pytest.raises(ConfigError, match="prune.pbs"):
+        load_config(None, ["prune.pbs=on"])
