@@ -104,6 +104,7 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end / on SLURM signal
     keep_adapter: bool = False  # export the final adapter unmerged beside the merged model
+    gradient_checkpointing: bool = False  # recompute block activations in backward (large models)
 
 
 @dataclass

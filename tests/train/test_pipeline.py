@@ -183,3 +183,13 @@ def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
     changed = tiny_cfg(tmp_path / "run", train={"checkpoint_every": 2}, prune={"sparsity": 0.3})
     with pytest.raises(ConfigError, match="prune.sparsity"):
         pipeline.run(changed, progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    """Recomputing activations in backward changes memory, not the result."""
+    a = pipeline.run(tiny_cfg(tmp_path / "a", lora={"dropout": 0.0}), progress=False)
+    b = pipeline.run(tiny_cfg(tmp_path / "b", lora={"dropout": 0.0}, train={"gradient_checkpointing": True}),
+                     progress=False)
+    for (sa, la), (sb, lb) in zip(a["loss_history"], b["loss_history"]):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+    assert a["prune_reports"][-1]["mask_sha256"] == b["prune_reports"][-1]["mask_sha256"]

@@ -80,6 +80,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     from ..data.tokenize import model_max_positions
 
     data = build_train_data(cfg, tokenizer, cfg.model.max_position_embeddings or model_max_positions(model))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = wrap_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
     spe = steps_per_epoch(len(data), cfg, world)
     total = spe * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, spe * cfg.train.epochs)
