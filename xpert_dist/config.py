@@ -74,6 +74,7 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     ema_eta: float = 0.5  # 1.0 disables smoothing
+    ema_dtype: str = "float32"  # float32 | bfloat16 (smoothed scores kept between prune steps)
     pbs: str = "diagonal"  # off | diagonal | full | shared
     pbs_support: str = "dense"  # dense | kept
     pbs_kappa: float = 1.0
@@ -86,8 +87,8 @@ class PruneConfig:
     solver_dtype: str = "float32"  # float32 | float64 (SparseGPT's OBS updates)
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
-    offload: str = "cpu"  # none | cpu | disk (finished statistics)
-    offload_dir: str | None = None
+    offload: str = "cpu"  # none | cpu | disk: where statistics partials and smoothed scores wait
+    offload_dir: str | None = None  # for disk (default: <output_dir>/offload)
     offload_budget_bytes: int | None = None
 
 
@@ -264,6 +265,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.stats_dtype", p.stats_dtype, ("float32", "float64"))
     _choice("prune.solver_dtype", p.solver_dtype, ("float32", "float64"))
     _choice("prune.offload", p.offload, ("none", "cpu", "disk"))
+    _choice("prune.ema_dtype", p.ema_dtype, ("float32", "bfloat16"))
     if not 0.0 < p.ema_eta <= 1.0:
         raise ConfigError(f"prune.ema_eta={p.ema_eta} must be in (0, 1]")
     if p.schedule == "steps" and p.prune_every <= 0:

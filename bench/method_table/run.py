@@ -24,30 +24,48 @@ sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "bench" / "results" / "cache" / "method_table"
 OUT = ROOT / "bench" / "results"
 
-# name -> overrides; every cell shares the domain config below
+# name -> overrides; every cell shares the domain config below. Groups are explicit so that a cell
+# does not change meaning when the project's default changes.
+EX = ["prune.method=foresight", "prune.variant=exact"]
 METHODS = {
     "dense_lora": ["prune.method=none"],
-    "lora_wanda": ["prune.method=wanda", "prune.schedule=final_only", "prune.pbs=off"],
+    "lora_wanda": ["prune.method=wanda", "prune.schedule=final_only", "prune.pbs=off", "prune.group=output"],
     "lora_sparsegpt": ["prune.method=sparsegpt", "prune.schedule=final_only", "prune.pbs=off"],
-    "wanda_lora": ["prune.method=wanda", "prune.schedule=before_training", "prune.pbs=off"],
-    "magnitude": ["prune.method=magnitude", "prune.pbs=off"],
-    "foresight": ["prune.method=foresight", "prune.pbs=off"],
-    "foresight_pbs_diag": ["prune.method=foresight", "prune.pbs=diagonal"],
-    "foresight_pbs_full": ["prune.method=foresight", "prune.pbs=full"],
-    "foresight_input_group": ["prune.method=foresight", "prune.pbs=diagonal", "prune.group=input"],
-    "foresight_layer_group": ["prune.method=foresight", "prune.pbs=diagonal", "prune.group=layer"],
-    "foresight_reference": ["prune.method=foresight", "prune.pbs=diagonal", "prune.variant=reference"],
+    "wanda_lora": ["prune.method=wanda", "prune.schedule=before_training", "prune.pbs=off", "prune.group=output"],
+    "magnitude": ["prune.method=magnitude", "prune.pbs=off", "prune.group=output"],
+    "foresight": [*EX, "prune.pbs=off", "prune.group=output"],
+    "foresight_pbs_diag": [*EX, "prune.pbs=diagonal", "prune.group=output"],
+    "foresight_pbs_full": [*EX, "prune.pbs=full", "prune.group=output"],
+    "foresight_input_group": [*EX, "prune.pbs=diagonal", "prune.group=input"],
+    "foresight_layer_group": [*EX, "prune.pbs=diagonal", "prune.group=layer"],
+    "foresight_reference": ["prune.method=foresight", "prune.variant=reference", "prune.pbs=diagonal",
+                            "prune.group=output"],
 }
+EFFICIENTXPERT = [m for m in METHODS if m.startswith("foresight_")]
 SPARSITY_FREE = {"dense_lora"}
 DOMAINS = {"health": ROOT / "configs" / "default_health.yaml", "legal": ROOT / "configs" / "default_legal.yaml"}
 # the budget of every cell (same for all): overrides applied after the domain config
-# (sized so that one cell takes ~5 minutes on an idle 2-core machine)
+# (sized so that one cell takes ~4 minutes on an idle 2-core machine)
 BUDGET = ["train.max_steps=20", "prune.prune_every=10", "data.calib_samples=16", "eval.max_task_examples=60",
           "eval.perplexity_windows=8"]
 
 
+def model_override() -> list[str]:
+    """Every cell loads the same weights: SmolLM2-135M dequantised once to fp32 safetensors (the GGUF
+    alias gives identical weights but spends ~20-50 s per cell dequantising)."""
+    sys.path.insert(0, str(ROOT / "bench" / "oneshot"))
+    import common  # noqa: E402
+    import prepare  # noqa: E402
+
+    prepare.convert_model()
+    return [f"model.name_or_path={common.model_dir()}"]
+
+
 def cell_name(domain: str, method: str, sparsity: float) -> str:
     return f"{domain}-{method}" if method in SPARSITY_FREE else f"{domain}-{method}-s{int(round(sparsity * 100))}"
+
+
+MODEL: list[str] = []
 
 
 def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dict | None:
@@ -56,7 +74,7 @@ def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dic
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     cmd = [sys.executable, str(ROOT / "launchers" / "run.py"), "--config", str(DOMAINS[domain]), "--no-progress",
-           f"name={name}", f"output_dir={out}", f"prune.sparsity={sparsity}", *BUDGET, *METHODS[method], *extra]
+           f"name={name}", f"output_dir={out}", f"prune.sparsity={sparsity}", *BUDGET, *METHODS[method], *MODEL, *extra]
     print(f"[method_table] running {name}", flush=True)
     t0 = time.perf_counter()
     log = CACHE / f"{name}.log"
@@ -73,6 +91,12 @@ def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dic
     return res
 
 
+def _train_peak(res: dict) -> float:
+    """Peak RSS up to the end of the final prune (training and pruning; before export and evaluation)."""
+    mem = res.get("memory", {})
+    return mem.get("peak_rss_after_final_prune_mb") or mem.get("peak_rss_after_train_mb") or mem["peak_rss_mb"]
+
+
 def summarise(cells: dict[str, dict]) -> dict:
     from xpert_dist.eval.retention import retention
 
@@ -80,27 +104,66 @@ def summarise(cells: dict[str, dict]) -> dict:
     for name, res in cells.items():
         domain = name.split("-")[0]
         dense = cells.get(f"{domain}-dense_lora")
-        row = {"metrics": res.get("metrics", {}), "timing": res.get("timing", {}), "memory": res.get("memory", {})}
+        row = {"metrics": res.get("metrics", {}), "timing": res.get("timing", {}), "memory": res.get("memory", {}),
+               "sparsity": res.get("config", {}).get("prune", {}).get("sparsity") if "-s" in name else 0.0}
         if dense:
             row["retention"] = retention(res.get("metrics", {}), dense.get("metrics", {}))
             t_d = dense["timing"].get("train_s", 0) + dense["timing"].get("prune_s", 0)
             t_r = res["timing"].get("train_s", 0) + res["timing"].get("prune_s", 0)
             row["time_vs_lora"] = t_r / t_d if t_d else None
+            c_d = dense["timing"].get("train_cpu_s", 0) + dense["timing"].get("prune_cpu_s", 0)
+            c_r = res["timing"].get("train_cpu_s", 0) + res["timing"].get("prune_cpu_s", 0)
+            row["cpu_time_vs_lora"] = c_r / c_d if c_d and c_r else None
             row["peak_rss_vs_lora"] = res["memory"]["peak_rss_mb"] / dense["memory"]["peak_rss_mb"]
+            row["train_peak_rss_vs_lora"] = _train_peak(res) / _train_peak(dense)
         table[name] = row
     return table
 
 
+def goals(table: dict) -> list[str]:
+    """The issue's goals, checked against what was measured (only for cells that exist)."""
+    lines = []
+    for key in sorted({n.rsplit("-", 1)[0].split("-")[0] + "|" + n.rsplit("-s", 1)[1]
+                       for n in table if "-s" in n}):
+        domain, pct = key.split("|")
+        ret = {m: table[f"{domain}-{m}-s{pct}"]["retention"]["domain_retention"]
+               for m in METHODS if f"{domain}-{m}-s{pct}" in table and "retention" in table[f"{domain}-{m}-s{pct}"]}
+        ours = {m: r for m, r in ret.items() if m in EFFICIENTXPERT}
+        if not ours:
+            continue
+        best = max(ours, key=ours.get)
+        peers = {m: ret[m] for m in ("lora_wanda", "lora_sparsegpt") if m in ret}
+        beats = ", ".join(f"{'above' if ours[best] > v else 'NOT above'} {m} ({v:.1%})" for m, v in peers.items())
+        row = table[f"{domain}-{best}-s{pct}"]
+        lines.append(f"- {domain} @ {pct}%: best EfficientXpert variant `{best}` retains {ours[best]:.1%}"
+                     + (" (goal >= 98%: " + ("met" if ours[best] >= 0.98 else "not met") + ")" if pct == "40" else "")
+                     + (f"; {beats}" if beats else "")
+                     + f"; time {row.get('time_vs_lora', float('nan')):.2f}x LoRA wall, "
+                       f"{row.get('cpu_time_vs_lora') or float('nan'):.2f}x CPU (goal <= 1.10x), training peak RSS "
+                       f"{row.get('train_peak_rss_vs_lora', float('nan')):.3f}x LoRA (goal <= 1.02x)")
+    return lines
+
+
 def markdown(table: dict) -> str:
-    lines = ["| cell | domain retention | metrics | time / LoRA | peak RSS / LoRA |", "|---|---|---|---|---|"]
-    for name, row in sorted(table.items()):
-        ret = row.get("retention", {}).get("domain_retention")
-        mets = ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items() if isinstance(v, (int, float)))
-        t = row.get("time_vs_lora")
-        m = row.get("peak_rss_vs_lora")
-        lines.append(f"| {name} | {ret:.1%} | {mets} | {t:.2f}× | {m:.3f}× |" if ret is not None and t and m
-                     else f"| {name} | – | {mets} | – | – |")
-    return "\n".join(lines) + "\n"
+    def f(x, spec):
+        return format(x, spec) if isinstance(x, (int, float)) else "–"
+
+    lines = ["| cell | domain retention | perplexity (ret.) | accuracy (ret.) | wall time / LoRA | CPU time / LoRA | "
+             "train+prune peak RSS / LoRA | whole-run peak RSS / LoRA |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in sorted(table.items(), key=lambda kv: (kv[0].split("-")[0], kv[1]["sparsity"] or 0, kv[0])):
+        ret = row.get("retention", {})
+        mets = row["metrics"]
+        acc_key = next((k for k in mets if k.endswith("_acc")), None)
+        lines.append(f"| {name} | {f(ret.get('domain_retention'), '.1%')} | {f(mets.get('perplexity'), '.2f')} "
+                     f"({f(ret.get('perplexity'), '.1%')}) | {f(mets.get(acc_key), '.3f')} "
+                     f"({f(ret.get(acc_key), '.1%')}) | {f(row.get('time_vs_lora'), '.2f')}× | "
+                     f"{f(row.get('cpu_time_vs_lora'), '.2f')}× | "
+                     f"{f(row.get('train_peak_rss_vs_lora'), '.3f')}× | {f(row.get('peak_rss_vs_lora'), '.3f')}× |")
+    out = "\n".join(lines) + "\n"
+    g = goals(table)
+    if g:
+        out += "\n## Goals (issue 3) against these measurements\n\n" + "\n".join(g) + "\n"
+    return out
 
 
 def main() -> int:
@@ -110,6 +173,7 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every cell")
     args = ap.parse_args()
+    MODEL.extend(model_override())
     methods = args.only.split(",") if args.only else list(METHODS)
     cells = {}
     for domain in args.domains.split(","):
@@ -125,7 +189,7 @@ def main() -> int:
         cells.setdefault(res_file.parent.name, json.loads(res_file.read_text()))
     table = summarise(cells)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "cells": table}, indent=2))
+    (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "model": MODEL, "cells": table}, indent=2))
     md = markdown(table)
     (OUT / "method_table.md").write_text(md)
     print(md)

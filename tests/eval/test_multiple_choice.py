@@ -40,7 +40,8 @@ def argmax(xs):
 def items(sample_data):
     pub = pubmedqa_items(load_records("pubmedqa").select(range(3)))
     case = casehold_items(load_records("casehold").select(range(2)))
-    short = [ChoiceItem("The sky is", ("blue", "green", "a very long option text"), 0)]
+    short = [ChoiceItem("The sky is", ("blue", "green", "a very long option text"), 0),
+             ChoiceItem("Grade:", ("A", "B", "C"), 1, delimiter="")]  # one-token options: one shared input
     return pub + case + short
 
 
@@ -83,6 +84,22 @@ def test_batch_size_does_not_change_scores(tiny_model, tok, items):
     one = score_items(tiny_model, tok, items, batch_size=1, max_len=64, progress=False)
     many = score_items(tiny_model, tok, items, batch_size=len(items), max_len=64, progress=False)
     assert all(abs(a - b) < 1e-4 for r, g in zip(one, many) for a, b in zip(r, g))
+
+
+def test_options_with_identical_inputs_share_one_forward(tiny_model, tok):
+    """One-token options after the same prompt need one model row; scores equal the per-option reference."""
+    items = [ChoiceItem(f"Question {i}:", ("x", "y", "z"), 0, delimiter="") for i in range(2)]
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, **kw):
+            seen.append(input_ids.shape[0])
+            return tiny_model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    got = score_items(Counting(), tok, items, batch_size=2, max_len=64, progress=False)
+    assert seen == [2]  # 2 items x 3 options -> 2 distinct inputs
+    ref = reference_scores(tiny_model, tok, items, 64)
+    assert all(abs(a - b) < 1e-5 for r, g in zip(ref, got) for a, b in zip(r, g))
 
 
 class Rigged(torch.nn.Module):

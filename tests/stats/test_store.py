@@ -109,3 +109,18 @@ def test_remote_statistic_refused_and_from_config(tmp_path):
     s = StatsStore.from_config(cfg)
     assert s.kind == "disk" and s.budget_bytes == 1 << 20
     assert StatsStore.from_config(PruneConfig(offload="none")).kind == "memory"
+
+
+@pytest.mark.parametrize("kind", ["memory", "cpu", "disk"])
+def test_plain_tensors_round_trip_and_are_not_statistics(kind, tmp_path):
+    store = StatsStore(kind, tmp_path / "s" if kind == "disk" else None)
+    t = sample(torch.bfloat16, shape=(5, 7)).sum
+    store.put_tensor("layers.0.q_proj", t)
+    back = store.get_tensor("layers.0.q_proj")
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+    with pytest.raises(StatsStoreError, match="plain tensor"):
+        store.get("layers.0.q_proj")
+    if kind == "disk":  # reopened after a restart, still a plain tensor
+        assert torch.equal(StatsStore.load_directory(tmp_path / "s").get_tensor("layers.0.q_proj"), t)
+    with pytest.raises(StatsStoreError, match="expected a tensor"):
+        store.put_tensor("x", [1.0])

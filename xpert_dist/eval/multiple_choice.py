@@ -4,8 +4,9 @@ An item is a prompt and several options; each option is scored by the summed log
 tokens as a continuation of the prompt. ``acc``: the option with the largest sum is right; ``acc_norm``:
 the largest sum divided by the option's length in characters. Ties go to the first option.
 
-Scoring is batched: all options of ``batch_size`` items go through the model in one right-padded forward,
-and the continuation tokens' log-probabilities are gathered from it. Items are processed longest first
+Scoring is batched: all options of ``batch_size`` items go through the model in one right-padded forward
+(options whose model input is identical share one row), and the continuation tokens' log-probabilities are
+gathered from it. Items are processed longest first
 (less padding) and reported in input order. Prompts too long for ``max_len`` are cut from the left.
 """
 from __future__ import annotations
@@ -118,11 +119,19 @@ def _accepts_logits_to_keep(model) -> bool:
 # ----------------------------------------------------------------------------- scoring
 
 def _score_batch(model, rows, pad: int, device, keep_ok: bool) -> list[float]:
-    """Summed continuation log-probabilities of each row (input ids, n scored, continuation ids)."""
-    width = max(len(inp) for inp, _, _ in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (inp, _, _) in enumerate(rows):
+    """Summed continuation log-probabilities of each row (input ids, n scored, continuation ids).
+
+    Rows with the same input (e.g. PubMedQA's one-token options yes/no/maybe after one prompt) share one
+    forward: the model sees each distinct input once and each row gathers its own continuation tokens.
+    """
+    distinct: dict[tuple[int, ...], int] = {}
+    for inp, _, _ in rows:
+        distinct.setdefault(tuple(inp), len(distinct))
+    inputs = list(distinct)
+    width = max(len(inp) for inp in inputs)
+    ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    for r, inp in enumerate(inputs):
         ids[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
         mask[r, : len(inp)] = 1
     first = min(len(inp) - n for inp, n, _ in rows)  # earliest position whose logits are needed
@@ -130,9 +139,9 @@ def _score_batch(model, rows, pad: int, device, keep_ok: bool) -> list[float]:
     logits = logits_of(model, ids.to(device), mask.to(device), **kwargs)
     offset = width - logits.size(1)
     sums = []
-    for r, (inp, n, cont) in enumerate(rows):
+    for inp, n, cont in rows:
         end = len(inp) - offset
-        logp = torch.log_softmax(at_least_fp32(logits[r, end - n: end]), dim=-1)
+        logp = torch.log_softmax(at_least_fp32(logits[distinct[tuple(inp)], end - n: end]), dim=-1)
         target = torch.tensor(cont, dtype=torch.long, device=logp.device).unsqueeze(-1)
         sums.append(float(logp.gather(-1, target).double().sum()))
     return sums

@@ -344,8 +344,10 @@ def estimate(spec: PlanSpec) -> Plan:
             lo * li * 4 + 2 * min(chunk, lo) * r * li * 4, "out·in·4 + 2·chunk·r·in·4")
     add("prune", "solve", accel, "masks + results of the block (bool, broadcast)", n_lin, "block linears·1B")
     if spec.method == "foresight" and spec.ema:
-        add("prune", "resident", accel, "ForeSight EMA scores (owned modules, all blocks)",
-            math.ceil(m.layers / W) * n_lin * 4, "⌈L/W⌉·block linears·4B (owners rotate across blocks)")
+        ema_where = {"none": accel, "cpu": "host", "disk": "disk"}[spec.stats_offload]
+        add("prune", "resident", ema_where, "ForeSight EMA scores (owned modules, all blocks)",
+            math.ceil(m.layers / W) * n_lin * 4, "⌈L/W⌉·block linears·4B (owners rotate across blocks; "
+            "prune.offload places them)")
     add("prune", "resident", "host", "kept masks of every module (bit-packed, every rank)",
         -(-m.layers * n_lin // 8), "L·block linears/8 B (Pruner.masks, a MaskStore)")
 

@@ -5,6 +5,10 @@ linears on their effective (LoRA-merged) weights, chooses masks, optionally comp
 Brain Surgeon update of the adapter, and writes: base weight <- (W + s·B·A) ⊙ mask, B <- ΔB (PBS)
 or 0. Between steps it keeps the EMA of the scores and the latest masks. All reads and writes go
 through a DistContext, so the same code runs in one process and under ZeRO-3 with many ranks.
+
+The smoothed scores are one number per weight of every module a rank owns: as large as those weights
+in float32. They live where ``prune.offload`` says (``none``: beside the weights, e.g. on the GPU;
+``cpu``: host memory; ``disk``: files under ``work_dir``), in ``prune.ema_dtype``.
 """
 from __future__ import annotations
 
@@ -24,11 +28,14 @@ from ..maths import masks as mask_ops, scores as score_ops
 from ..models import structure as st
 from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
+from ..stats.store import StatsStore
 from .maskstore import MaskStore
 from .block import ModuleInput, block_scores, prune_module, stats_mode
 
 log = logging.getLogger(__name__)
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+EMA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EMA_STORES = {"none": "memory", "cpu": "cpu", "disk": "disk"}
 
 
 def mask_sha256(keep: torch.Tensor) -> str:
@@ -54,22 +61,32 @@ class Pruner:
     """Holds EMA scores and masks across prune steps of one run (or a single one-shot prune)."""
 
     def __init__(self, cfg: PruneConfig, ctx: DistContext | None = None, *, batch_size: int = 8,
-                 progress: bool = True):
+                 progress: bool = True, work_dir: str | None = None):
         self.cfg = cfg
         self.ctx = ctx or DistContext()
         self.batch_size = batch_size
         self.progress = progress
-        self.ema: dict[str, torch.Tensor] = {}
+        kind = EMA_STORES[cfg.offload]
+        ema_dir = None
+        if kind == "disk":
+            base = cfg.offload_dir or work_dir
+            if base is None:
+                raise ConfigError("prune.offload=disk needs prune.offload_dir (or a run output directory)")
+            ema_dir = f"{base}/ema-rank{self.ctx.rank}"
+        self.ema = StatsStore(kind, ema_dir)  # smoothed scores between prune steps
         self.masks = MaskStore()  # latest kept masks, bit-packed on the host
         self.reports: list[StepReport] = []
 
     # ------------------------------------------------------------------ state (checkpointing)
     def state_dict(self) -> dict:
-        return {"ema": dict(self.ema), "masks": dict(self.masks), "n_steps": len(self.reports),
+        ema = {k: self.ema.get_tensor(k, "cpu").clone() for k in self.ema.keys()}
+        return {"ema": ema, "masks": dict(self.masks), "n_steps": len(self.reports),
                 "reports": [r.__dict__ for r in self.reports]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema = dict(state.get("ema", {}))
+        self.ema.clear()
+        for k, v in state.get("ema", {}).items():
+            self.ema.put_tensor(k, v)
         self.masks = MaskStore(state.get("masks", {}))
         self.reports = [StepReport(**r) for r in state.get("reports", [])]
 
@@ -167,8 +184,9 @@ class Pruner:
                 if scores is not None:
                     score = scores[name]
                     if not final and cfg.ema_eta < 1.0:
-                        score = score_ops.ema_scores(score, self.ema.get(fname), cfg.ema_eta)
-                        self.ema[fname] = score
+                        prev = self.ema.get_tensor(fname, score.device) if fname in self.ema else None
+                        score = score_ops.ema_scores(score, prev, cfg.ema_eta)
+                        self.ema.put_tensor(fname, score.to(EMA_DTYPES[cfg.ema_dtype]))
                 fixed = fixed_masks[fname] if fixed_masks is not None else None
                 group = st.INPUT_GROUPS[name]
                 res = prune_module(cfg, name, inputs[name], score, stats.get(group) if stats else None,

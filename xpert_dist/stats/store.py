@@ -13,7 +13,8 @@
 
 ``budget_bytes`` bounds the bytes held by the store (all kinds); a put that would exceed it raises
 :class:`StatsStoreError` naming the key, the budget and the location, before anything is written.
-Read-back is bit-identical (raw bytes, dtype and shape kept).
+Read-back is bit-identical (raw bytes, dtype and shape kept). ``put_tensor``/``get_tensor`` store plain
+tensors the same way (the pruner keeps its smoothed scores between prune steps here).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ..errors import XpertError
 from .capture import MODES, InputStats
 
 KINDS = ("memory", "cpu", "disk")
+RAW = "raw"  # the mode recorded for plain tensors stored with put_tensor
 
 
 class StatsStoreError(XpertError, RuntimeError):
@@ -114,7 +116,15 @@ class StatsStore:
         if not isinstance(stats, InputStats) or not stats.resident:
             raise StatsStoreError(f"cannot store {key!r}: only a resident statistic (with its full sum) can be "
                                   "stored")
-        t = stats.sum.detach()
+        self._put(key, stats.sum.detach(), stats.n, stats.mode)
+
+    def put_tensor(self, key: str, t: torch.Tensor) -> None:
+        """Store a plain tensor (e.g. smoothed pruning scores kept between prune steps) under ``key``."""
+        if not isinstance(t, torch.Tensor):
+            raise StatsStoreError(f"cannot store {key!r}: expected a tensor, got {type(t).__name__}")
+        self._put(key, t.detach(), 0, RAW)
+
+    def _put(self, key: str, t: torch.Tensor, n: int, mode: str) -> None:
         nbytes = t.numel() * t.element_size()
         old = self._items.get(key)
         in_use = self.used_bytes - (old.nbytes if old else 0)
@@ -123,7 +133,7 @@ class StatsStore:
                 f"storing statistics {key!r} ({nbytes} bytes) would exceed the statistics budget of "
                 f"{self.budget_bytes} bytes ({in_use} bytes in use) in the {self._where()}; raise "
                 "prune.offload_budget_bytes or offload to disk")
-        entry = _Entry(stats.n, stats.mode, nbytes, shape=tuple(t.shape), dtype=t.dtype)
+        entry = _Entry(n, mode, nbytes, shape=tuple(t.shape), dtype=t.dtype)
         if self.kind == "memory":
             entry.tensor = t
         elif self.kind == "cpu":
@@ -131,18 +141,18 @@ class StatsStore:
             host.copy_(t)
             entry.tensor = host
         else:
-            entry.path, entry.meta = self._write(key, t, stats)
+            entry.path, entry.meta = self._write(key, t, n, mode)
         if old is not None:
             self._drop(old, keep_files=(old.path == entry.path))
         self._items[key] = entry
         self.used_bytes = in_use + nbytes
 
-    def _write(self, key: str, t: torch.Tensor, stats: InputStats) -> tuple[Path, Path]:
+    def _write(self, key: str, t: torch.Tensor, n: int, mode: str) -> tuple[Path, Path]:
         path, meta = self._paths(key)
         tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp_data, tmp_meta = path.with_name(path.name + tag), meta.with_name(meta.name + tag)
-        info = {"key": key, "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "n": stats.n,
-                "mode": stats.mode, "nbytes": t.numel() * t.element_size(), "format": 1}
+        info = {"key": key, "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "n": n,
+                "mode": mode, "nbytes": t.numel() * t.element_size(), "format": 1}
         try:
             raw = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
             with open(tmp_data, "wb") as f:
@@ -178,15 +188,22 @@ class StatsStore:
     def get(self, key: str, device: torch.device | str | None = None) -> InputStats:
         """The statistic stored under ``key`` (bit-identical); ``device`` moves it (non-blocking from pinned)."""
         entry = self._items.get(key)
+        if entry is not None and entry.mode == RAW:
+            raise StatsStoreError(f"{key!r} holds a plain tensor: read it with get_tensor")
+        return InputStats(self._tensor(key, device), entry.n, entry.mode)
+
+    def get_tensor(self, key: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor stored under ``key`` by :meth:`put_tensor` (bit-identical)."""
+        return self._tensor(key, device)
+
+    def _tensor(self, key: str, device) -> torch.Tensor:
+        entry = self._items.get(key)
         if entry is None:
             raise StatsStoreError(f"no statistics stored under {key!r} in the {self._where()}")
-        if entry.tensor is not None:
-            t = entry.tensor
-        else:
-            t = self._read(key, entry)
+        t = entry.tensor if entry.tensor is not None else self._read(key, entry)
         if device is not None:
             t = t.to(device, non_blocking=self.pinned)
-        return InputStats(t, entry.n, entry.mode)
+        return t
 
     def _read(self, key: str, entry: _Entry) -> torch.Tensor:
         try:
@@ -233,7 +250,7 @@ class StatsStore:
         store = StatsStore("disk", directory)
         for meta in sorted(Path(directory).glob("*.json")):
             info = json.loads(meta.read_text())
-            if info.get("format") != 1 or info.get("mode") not in MODES:
+            if info.get("format") != 1 or info.get("mode") not in (*MODES, RAW):
                 continue
             path = meta.with_name(meta.name[:-len(".json")] + ".stats")
             dt = getattr(torch, info["dtype"])

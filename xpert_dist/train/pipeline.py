@@ -32,7 +32,23 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_accelerator_mb() -> float | None:
+    """Peak memory allocated by torch on the current CUDA device so far (MiB), None without CUDA."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def memory_marks(marks: dict[str, float]) -> dict:
+    """``peak_rss_mb`` plus the high-water mark after each phase, so that a phase's own cost can be read
+    off (the mark only rises: a phase raised the peak if its mark exceeds the previous one)."""
+    out = {"peak_rss_mb": peak_rss_mb(), **{f"peak_rss_after_{k}_mb": v for k, v in marks.items()}}
+    acc = peak_accelerator_mb()
+    if acc is not None:
+        out["peak_accelerator_mb"] = acc
+    return out
 
 
 def make_context(zero3: bool, offload: str = "none") -> DistContext:
@@ -62,7 +78,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Train, prune, export and evaluate one run; returns the results dict (also written as JSON)."""
     import torch.distributed as dist
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = Path(cfg.output_dir)
@@ -75,6 +91,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
         hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (keeps zero.Init active while loading)
     model = loading.load_model(cfg.model, seed=cfg.train.seed)
+    marks = {"load": peak_rss_mb()}
     st.check_family(model)
     tokenizer = loading.load_tokenizer(cfg.model)
     from ..data.tokenize import model_max_positions
@@ -88,14 +105,18 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     total = spe * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, spe * cfg.train.epochs)
     plan = plan_prune_steps(cfg.prune, spe, total)
     ctx = make_context(zero3=_zero_stage(ds) == 3, offload=cfg.prune.offload)
-    pruner = Pruner(cfg.prune, ctx, batch_size=cfg.train.batch_size, progress=progress and rank == 0)
+    pruner = Pruner(cfg.prune, ctx, batch_size=cfg.train.batch_size, progress=progress and rank == 0,
+                    work_dir=str(out / "offload"))
     if rank == 0:
         log.info("run %s: %d optimizer steps (%d per epoch), prune steps before %s, world size %d%s",
                  cfg.name, total, spe, list(plan.steps) or "none", world,
                  f", DeepSpeed ZeRO-{_zero_stage(ds)}" if ds else "")
 
+    before_s = before_cpu = 0.0
     if plan.before_training:  # Wanda-then-LoRA: prune the base model once, keep that mask
-        pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False)
+        c0 = time.process_time()
+        before_s = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False).seconds
+        before_cpu = time.process_time() - c0
     engine = Engine(model, cfg, total, world)
     model = engine.module
 
@@ -103,12 +124,14 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     step = state.get("step", 0)
     history: list[list[float]] = state.get("loss_history", [])
     prune_at = dict(zip(plan.steps, plan.sparsities))
-    t_train = time.perf_counter()
-    prune_seconds = 0.0
+    t_train, cpu_train = time.perf_counter(), time.process_time()
+    prune_seconds, prune_cpu = before_s, before_cpu
     bar = tqdm(total=total, initial=step, desc="train", disable=not (progress and rank == 0))
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
+            c0 = time.process_time()
             prune_seconds += pruner.step(model, data.calib_ids, prune_at[step]).seconds
+            prune_cpu += time.process_time() - c0
         epoch, in_epoch = divmod(step, spe)
         order = epoch_order(len(data), epoch, cfg.train.seed)
         loss = engine.step(micro_batches(data, order, in_epoch, cfg, rank, world))
@@ -122,21 +145,29 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         if stop or checkpoint.periodic_due(cfg, step, total):
             checkpoint.save(out, step, model, engine, pruner, ctx, history, stop=stop, cfg=cfg)
     bar.close()
-    train_seconds = time.perf_counter() - t_train - prune_seconds
+    train_seconds = time.perf_counter() - t_train - (prune_seconds - before_s)
+    train_cpu = time.process_time() - cpu_train - (prune_cpu - before_cpu)
+    marks["train"] = peak_rss_mb()
 
     # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging
     if cfg.prune.method != "none":
         fixed = pruner.masks.copy() if plan.before_training else None
+        c0 = time.process_time()
         rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
         prune_seconds += rep.seconds
+        prune_cpu += time.process_time() - c0
+    marks["final_prune"] = peak_rss_mb()
     results = finish(cfg, model, tokenizer, pruner, ctx, data, history, plan,
                      timing={"train_s": train_seconds, "prune_s": prune_seconds,
-                             "total_s": time.perf_counter() - t_start},
-                     rank=rank, world=world)
+                             "total_s": time.perf_counter() - t_start,
+                             # process CPU time (all threads): less sensitive to other load than wall time
+                             "train_cpu_s": train_cpu, "prune_cpu_s": prune_cpu,
+                             "total_cpu_s": time.process_time() - cpu_start},
+                     rank=rank, world=world, marks=marks)
     return results
 
 
-def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank, world) -> dict:
+def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank, world, marks=None) -> dict:
     """Merge, check sparsity, export, evaluate the exported model, write results/manifest/report."""
     out = Path(cfg.output_dir)
     sd = export.merged_state_dict(model, ctx)
@@ -146,7 +177,7 @@ def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank
     results = {"name": cfg.name, "config": cfg.to_dict(), "world_size": world,
                "loss_history": history, "prune_steps": list(plan.steps), "sparsity": sparsity,
                "prune_reports": [r.__dict__ for r in pruner.reports], "timing": timing,
-               "memory": {"peak_rss_mb": peak_rss_mb()}}
+               "memory": memory_marks({**(marks or {}), "export_merge": peak_rss_mb()})}
     if rank == 0:
         export.save_hf_checkpoint(sd, model, tokenizer, out / "model")
         if pruner.masks:
