@@ -10,7 +10,7 @@ Phases (each with ``torch.cuda`` peak-memory counters reset first):
    sequential calibration, ForeSight + EMA, masks, PBS diagonal) over all blocks;
 3. ``train_after``: N LoRA steps on the pruned model (step time with sparse base weights);
 4. ``full_hessian_block``: block 0 only: full XᵀX statistics + ForeSight + PBS full
-   (``Pruner._prune_block`` with ``pbs=full``), the 70B-relevant solver path.
+   (``Pruner.prune_block`` with ``pbs=full``), the 70B-relevant solver path.
 
 Prints one JSON object (also written to ``$OUT/gpu_check.json`` when ``$OUT`` is set) with step
 times, prune times, peak allocated/reserved GPU memory per phase, and the memory planner's
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     from xpert_dist.config import PruneConfig
     from xpert_dist.models import structure as st
-    from xpert_dist.prune.pruner import Pruner, StepReport
+    from xpert_dist.prune.pruner import Pruner
     from xpert_dist.stats.sequential import sequential_calibration
 
     out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -209,7 +209,6 @@ def main(argv=None) -> int:
     # one block, full Hessians: statistics + ForeSight + PBS full (the 70B solver path)
     full = Pruner(PruneConfig(method="foresight", sparsity=args.sparsity, pbs="full", ema_eta=1.0),
                   batch_size=args.batch, progress=False)
-    report = StepReport(step=0, final=False, target_sparsity=args.sparsity, seconds=0.0)
 
     class _Done(Exception):
         pass
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
     def on_block(i, block, stats):
         timing["stats_s"] = time.perf_counter() - timing["t0"]
         t1 = time.perf_counter()
-        full._prune_block(model, i, block, stats, args.sparsity, False, True, None, report)
+        full.prune_block(model, i, block, stats, args.sparsity, use_pbs=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timing["prune_s"] = time.perf_counter() - t1

@@ -135,7 +135,7 @@ class Pruner:
             if stats is not None:
                 stats = self.ctx.reduce_stats(stats)
             s_i = per_layer[i] if per_layer is not None else sparsity
-            self._prune_block(model, i, block, stats, s_i, final, use_pbs, fixed_masks, report)
+            self.prune_block(model, i, block, stats, s_i, final=final, use_pbs=use_pbs, fixed_masks=fixed_masks)
 
         if mode is None:
             for i, block in enumerate(tqdm(st.blocks(model), desc="prune", disable=not self.progress, leave=False)):
@@ -160,8 +160,11 @@ class Pruner:
                  " (final)" if final else "", sparsity, len(report.sparsity), report.seconds)
         return report
 
-    # ------------------------------------------------------------------ internals
-    def _prune_block(self, model, i, block, stats, sparsity, final, use_pbs, fixed_masks, report) -> None:
+    # ------------------------------------------------------------------ one block
+    def prune_block(self, model, i: int, block: nn.Module, stats: dict[str, InputStats] | None, sparsity: float, *,
+                    final: bool = False, use_pbs: bool = True, fixed_masks: dict | None = None) -> None:
+        """Score, mask, (PBS) and write block ``i`` from its reduced input statistics: the body of a prune
+        step, public so that a benchmark can time one block alone."""
         cfg, ctx = self.cfg, self.ctx
         geo = st.geometry(model)
         layers = st.blocks(model)

@@ -156,6 +156,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
         prune_seconds += rep.seconds
         prune_cpu += time.process_time() - c0
+    pruner.ema.clear()  # the smoothed scores served the in-loop steps only (frees memory / offload files)
     marks["final_prune"] = peak_rss_mb()
     results = finish(cfg, model, tokenizer, pruner, ctx, data, history, plan,
                      timing={"train_s": train_seconds, "prune_s": prune_seconds,

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Time and peak memory of EfficientXpert against plain LoRA, measured side by side on a quiet machine.
+
+    python bench/method_table/timing.py [--repeats 2] [--method foresight_pbs_diag] [--domain health]
+
+The method table's cells also record time and memory, but they run for hours while other work shares
+the CPU, so their wall and even CPU times drift by 2x between cells. Here the two runs alternate
+(LoRA, EfficientXpert, LoRA, ...) with the method table's budget and data and without evaluation (which
+is identical work for both), so they see the same conditions; the ratio of medians is reported.
+Cached per run like the method table. Writes ``bench/results/timing.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as table  # noqa: E402  (the method table: budget, methods, model)
+
+CACHE = table.ROOT / "bench" / "results" / "cache" / "timing"
+NO_EVAL = ["eval.tasks=[]", "eval.perplexity_windows=0"]
+
+
+def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
+    name = f"{domain}-{method}-s{int(round(sparsity * 100))}-r{k}"
+    out = CACHE / name
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    cmd = [sys.executable, str(table.ROOT / "launchers" / "run.py"), "--config", str(table.DOMAINS[domain]),
+           "--no-progress", f"name={name}", f"output_dir={out}", f"prune.sparsity={sparsity}", *table.BUDGET,
+           *table.METHODS[method], *table.MODEL, *NO_EVAL]
+    print(f"[timing] running {name}", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(CACHE / f"{name}.log", "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
+                             env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    if rc != 0:
+        raise SystemExit(f"[timing] {name} failed (rc {rc}); see {CACHE / f'{name}.log'}")
+    res = json.loads((out / "results.json").read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def summary(runs: dict[str, list[dict]]) -> dict:
+    def med(rs, key):
+        return statistics.median(key(r) for r in rs)
+
+    out = {}
+    for method, rs in runs.items():
+        out[method] = {
+            "runs": len(rs),
+            "train_s": med(rs, lambda r: r["timing"]["train_s"]),
+            "prune_s": med(rs, lambda r: r["timing"]["prune_s"]),
+            "time_s": med(rs, lambda r: r["timing"]["train_s"] + r["timing"]["prune_s"]),
+            "cpu_s": med(rs, lambda r: r["timing"]["train_cpu_s"] + r["timing"]["prune_cpu_s"]),
+            "peak_rss_train_prune_mb": med(rs, table._train_peak),
+            "prune_steps": len(rs[0].get("prune_reports", [])),
+            "steps": len(rs[0].get("loss_history", [])),
+        }
+    base = out.get("dense_lora")
+    for method, row in out.items():
+        if base:
+            row["time_vs_lora"] = row["time_s"] / base["time_s"]
+            row["cpu_vs_lora"] = row["cpu_s"] / base["cpu_s"]
+            row["peak_rss_vs_lora"] = row["peak_rss_train_prune_mb"] / base["peak_rss_train_prune_mb"]
+    return out
+
+
+def markdown(s: dict, args) -> str:
+    lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.BUDGET)}; medians of "
+             f"{args.repeats} alternating runs each, no evaluation.", "",
+             "| run | steps | prune steps | train s | prune s | wall / LoRA | CPU / LoRA | peak RSS (train+prune) MiB | "
+             "peak RSS / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in s.items():
+        lines.append(f"| {m} | {r['steps']} | {r['prune_steps']} | {r['train_s']:.1f} | {r['prune_s']:.1f} | "
+                     f"{r.get('time_vs_lora', float('nan')):.3f}× | {r.get('cpu_vs_lora', float('nan')):.3f}× | "
+                     f"{r['peak_rss_train_prune_mb']:.0f} | {r.get('peak_rss_vs_lora', float('nan')):.3f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domain", default="health")
+    ap.add_argument("--sparsity", type=float, default=0.4)
+    ap.add_argument("--method", default="foresight_pbs_diag")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    table.MODEL.extend(table.model_override())
+    runs: dict[str, list[dict]] = {"dense_lora": [], args.method: []}
+    for k in range(args.repeats):
+        for method in runs:
+            runs[method].append(run_once(args.domain, method, args.sparsity, k))
+    s = summary(runs)
+    table.OUT.mkdir(parents=True, exist_ok=True)
+    (table.OUT / "timing.json").write_text(json.dumps({"args": vars(args), "budget": table.BUDGET,
+                                                       "summary": s}, indent=2))
+    md = markdown(s, args)
+    (table.OUT / "timing.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
