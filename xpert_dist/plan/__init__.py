@@ -2,5 +2,6 @@
 
 ``estimate(PlanSpec(...)) -> Plan``; CLI ``python -m xpert_dist.plan --help``.
 """
-from .memory import Constants, Plan, PlanSpec, estimate, format_table, layer_activation_bytes  # noqa: F401
+from .advice import format_table  # noqa: F401
+from .memory import Constants, Plan, PlanSpec, estimate, layer_activation_bytes  # noqa: F401
 from .shapes import ModelShape  # noqa: F401

@@ -13,7 +13,8 @@ import json
 import sys
 
 from ..errors import ConfigError
-from .memory import GiB, Constants, PlanSpec, estimate, format_table
+from .advice import format_table
+from .memory import GiB, Constants, PlanSpec, estimate
 from .shapes import ModelShape
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+GiB = 1024 ** 3
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # input group of each linear (modules reading the same tensor share one XᵀX), see models/structure.py
