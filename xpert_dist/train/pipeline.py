@@ -8,6 +8,7 @@ final prune step without EMA and PBS; baselines are the same loop with other set
 """
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import time
@@ -158,18 +159,19 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         prune_cpu += time.process_time() - c0
     pruner.ema.clear()  # the smoothed scores served the in-loop steps only (frees memory / offload files)
     marks["final_prune"] = peak_rss_mb()
-    results = finish(cfg, model, tokenizer, pruner, ctx, data, history, plan,
-                     timing={"train_s": train_seconds, "prune_s": prune_seconds,
-                             "total_s": time.perf_counter() - t_start,
-                             # process CPU time (all threads): less sensitive to other load than wall time
-                             "train_cpu_s": train_cpu, "prune_cpu_s": prune_cpu,
-                             "total_cpu_s": time.process_time() - cpu_start},
-                     rank=rank, world=world, marks=marks)
-    return results
+    timing = {"train_s": train_seconds, "prune_s": prune_seconds, "total_s": time.perf_counter() - t_start,
+              # process CPU time (all threads): less sensitive to other load than wall time
+              "train_cpu_s": train_cpu, "prune_cpu_s": prune_cpu, "total_cpu_s": time.process_time() - cpu_start}
+    results = export_run(cfg, model, tokenizer, pruner, ctx, history, plan, timing, rank=rank, world=world,
+                         marks=marks)
+    # only the exported checkpoint is evaluated: drop the training copy first (lower evaluation peak)
+    del model, engine
+    gc.collect()
+    return evaluate_and_record(cfg, results, tokenizer, pruner, ctx, data, history, rank)
 
 
-def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank, world, marks=None) -> dict:
-    """Merge, check sparsity, export, evaluate the exported model, write results/manifest/report."""
+def export_run(cfg, model, tokenizer, pruner, ctx, history, plan, timing, rank, world, marks=None) -> dict:
+    """Merge, check sparsity, export (checkpoint, masks, adapter); returns the results without metrics."""
     out = Path(cfg.output_dir)
     sd = export.merged_state_dict(model, ctx)
     expected = {n: cfg.prune.sparsity for n in pruner.masks} if cfg.prune.pattern == "unstructured" \
@@ -187,6 +189,12 @@ def finish(cfg, model, tokenizer, pruner, ctx, data, history, plan, timing, rank
         export.save_adapter(model, ctx, out / "adapter")
     del sd
     ctx.barrier()
+    return results
+
+
+def evaluate_and_record(cfg, results, tokenizer, pruner, ctx, data, history, rank) -> dict:
+    """Evaluate the exported model (rank 0), write results.json, the manifest and the report."""
+    out = Path(cfg.output_dir)
     if rank == 0:
         results["metrics"] = evaluate_export(cfg, out / "model", tokenizer)
         results["final_loss"] = history[-1][1] if history else None
