@@ -51,6 +51,8 @@ def test_placement_does_not_change_masks_or_scores(tmp_path):
             assert torch.equal(pruner.ema.get_tensor(k), ref_pruner.ema.get_tensor(k)), (off, k)
     disk_files = list((tmp_path / "disk" / "ema-rank0").glob("*.stats"))
     assert len(disk_files) == 14 and not list((tmp_path / "cpu").glob("**/*.stats"))
+    runs["disk"][0].drop_smoothed_scores()  # after the final step: files and their directory go
+    assert len(runs["disk"][0].ema) == 0 and not (tmp_path / "disk" / "ema-rank0").exists()
 
 
 def test_smoothing_is_eta_weighted_mean_of_step_scores(tmp_path):

@@ -50,6 +50,17 @@ def test_export_reloads_with_exact_sparsity(tmp_path):
     assert len(res["loss_history"]) == 6 and res["prune_steps"] == [3]
 
 
+def test_ema_offloaded_to_disk_gives_the_same_run_and_cleans_up(tmp_path):
+    """prune.offload=disk (the laptop configs) vs host memory: same masks, same metrics; the offload
+    folder is gone once the final prune step no longer needs the smoothed scores."""
+    runs = {off: pipeline.run(tiny_cfg(tmp_path / off, prune={"offload": off}), progress=False)
+            for off in ("cpu", "disk")}
+    shas = {off: json.loads((tmp_path / off / "manifest.json").read_text())["mask_sha256"] for off in runs}
+    assert shas["cpu"] == shas["disk"]
+    assert runs["cpu"]["metrics"]["perplexity"] == runs["disk"]["metrics"]["perplexity"]
+    assert not (tmp_path / "disk" / "offload").exists()
+
+
 def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
     """A run stopped after step 4 and resumed ends with the masks and weights of an uninterrupted run."""
     from safetensors.torch import load_file

@@ -77,6 +77,15 @@ class Pruner:
         self.masks = MaskStore()  # latest kept masks, bit-packed on the host
         self.reports: list[StepReport] = []
 
+    def drop_smoothed_scores(self) -> None:
+        """Forget the EMA scores (after the final prune step they serve nothing), with their offload files."""
+        self.ema.clear()
+        if self.ema.directory is not None:
+            try:
+                self.ema.directory.rmdir()  # only if empty: never removes anything else
+            except OSError:
+                pass
+
     # ------------------------------------------------------------------ state (checkpointing)
     def state_dict(self) -> dict:
         ema = {k: self.ema.get_tensor(k, "cpu").clone() for k in self.ema.keys()}

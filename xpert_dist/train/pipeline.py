@@ -157,7 +157,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
         prune_seconds += rep.seconds
         prune_cpu += time.process_time() - c0
-    pruner.ema.clear()  # the smoothed scores served the in-loop steps only (frees memory / offload files)
+    pruner.drop_smoothed_scores()  # they served the in-loop steps only (frees memory / offload files)
+    try:
+        (out / "offload").rmdir()  # the default offload folder, if it is now empty (ranks may race: fine)
+    except OSError:
+        pass
     marks["final_prune"] = peak_rss_mb()
     timing = {"train_s": train_seconds, "prune_s": prune_seconds, "total_s": time.perf_counter() - t_start,
               # process CPU time (all threads): less sensitive to other load than wall time
