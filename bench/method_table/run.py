@@ -7,7 +7,10 @@ Each cell (domain × sparsity × method) is one run of ``launchers/run.py`` in i
 its wall time and peak RSS are its own), with the same data, steps and evaluation as every other
 cell of its domain; dense LoRA is the 100% reference of its domain. Finished cells are cached under
 ``bench/results/cache/method_table/`` and skipped on the next invocation, so the table can be
-completed over several sittings. Writes ``bench/results/method_table.json`` and ``.md``.
+completed over several sittings; a cached cell evaluated with other settings than ``EVAL`` is
+re-evaluated from its exported checkpoint. Writes ``bench/results/method_table.json`` and ``.md``.
+Time and memory against plain LoRA are measured side by side by ``timing.py`` (the cells run hours
+apart on a shared machine); the goals section uses that measurement when it exists.
 """
 from __future__ import annotations
 
