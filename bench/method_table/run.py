@@ -73,17 +73,13 @@ def cell_name(domain: str, method: str, sparsity: float) -> str:
 MODEL: list[str] = []
 
 
-def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dict | None:
-    name = cell_name(domain, method, sparsity)
-    out = CACHE / name
-    if (out / "results.json").is_file():
-        return current_evaluation(out)
+def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path) -> dict | None:
+    """One run of ``launchers/run.py`` in its own process (its own wall time and peak RSS); log in ``cache``."""
     cmd = [sys.executable, str(ROOT / "launchers" / "run.py"), "--config", str(DOMAINS[domain]), "--no-progress",
-           f"name={name}", f"output_dir={out}", f"prune.sparsity={sparsity}", *BUDGET, *EVAL, *METHODS[method],
-           *MODEL, *extra]
+           f"name={name}", f"output_dir={out}", *overrides]
     print(f"[method_table] running {name}", flush=True)
     t0 = time.perf_counter()
-    log = CACHE / f"{name}.log"
+    log = cache / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         rc = subprocess.call(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
@@ -95,6 +91,15 @@ def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dic
     res["wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(res))
     return res
+
+
+def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dict | None:
+    name = cell_name(domain, method, sparsity)
+    out = CACHE / name
+    if (out / "results.json").is_file():
+        return current_evaluation(out)
+    return launch(name, out, domain, [f"prune.sparsity={sparsity}", *BUDGET, *EVAL, *METHODS[method], *MODEL,
+                                      *extra], CACHE)
 
 
 def current_evaluation(out: Path) -> dict:

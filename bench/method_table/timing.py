@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,19 +29,10 @@ def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
     out = CACHE / name
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
-    cmd = [sys.executable, str(table.ROOT / "launchers" / "run.py"), "--config", str(table.DOMAINS[domain]),
-           "--no-progress", f"name={name}", f"output_dir={out}", f"prune.sparsity={sparsity}", *table.BUDGET,
-           *table.METHODS[method], *table.MODEL, *NO_EVAL]
-    print(f"[timing] running {name}", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(CACHE / f"{name}.log", "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
-    if rc != 0:
-        raise SystemExit(f"[timing] {name} failed (rc {rc}); see {CACHE / f'{name}.log'}")
-    res = json.loads((out / "results.json").read_text())
-    res["wall_s"] = time.perf_counter() - t0
+    res = table.launch(name, out, domain, [f"prune.sparsity={sparsity}", *table.BUDGET, *table.METHODS[method],
+                                           *table.MODEL, *NO_EVAL], CACHE)
+    if res is None:
+        raise SystemExit(f"[timing] {name} failed; see {CACHE / f'{name}.log'}")
     return res
 
 

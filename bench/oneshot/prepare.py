@@ -30,28 +30,10 @@ def convert_model() -> None:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return
     from xpert_dist.config import ModelConfig
-    from xpert_dist.models.loading import load_model, load_tokenizer
+    from xpert_dist.models.loading import load_model, load_tokenizer, save_plain_checkpoint
 
     cfg = ModelConfig()
-    model, tok = load_model(cfg), load_tokenizer(cfg)
-    # transformers marks a GGUF-loaded model as quantized and refuses to save it: copy the dequantised
-    # fp32 weights into a plain model built from the same config (without the GGUF quantization entry).
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
-    plain.tie_weights()
-    for k, v in model.state_dict().items():
-        if not torch.equal(plain.state_dict()[k], v):
-            raise RuntimeError(f"conversion changed {k}")
-    out.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_plain_checkpoint(load_model(cfg), load_tokenizer(cfg), out)  # dequantised fp32, written atomically
     print(f"converted SmolLM2-135M to {out}", flush=True)
 
 

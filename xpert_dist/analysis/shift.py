@@ -49,14 +49,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, PruneConfig, DataConfig, config_from_dict
+from ..config import ModelConfig, DataConfig, config_from_dict
 from ..errors import ConfigError
 from ..models import loading, structure as st
-from ..prune.block import ModuleInput, choose_mask
-from ..prune.pruner import Pruner, mask_sha256
-from ..stats.capture import InputStats
+from ..prune.block import choose_mask
+from ..prune.pruner import mask_sha256
 from ..utils.atomic import atomic_write_json
 from . import metrics as M
+from .shift_scores import RecordingPruner, layer_scores
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ShiftAnalysis:
                 target = self.cache / "base_model"
                 if not (target / "config.json").is_file():
                     log.info("materialising %s/%s as %s (once)", source, gguf, target)
-                    materialise(loading.load_model(m), loading.load_tokenizer(m), target)
+                    loading.save_plain_checkpoint(loading.load_model(m), loading.load_tokenizer(m), target)
                 m = dataclasses.replace(m, name_or_path=str(target.resolve()), gguf_file=None)
         self._model_cfg = m
         return m
@@ -223,7 +223,7 @@ class ShiftAnalysis:
                               for i, groups in raw.items()}
         else:
             log.info("statistics %s:%s at sparsity %g (sequential prune step)", phase, d.name, sparsity)
-            rec = _RecordingPruner(self.cfg.prune_config(sparsity), batch_size=self.cfg.batch_size,
+            rec = RecordingPruner(self.cfg.prune_config(sparsity), batch_size=self.cfg.batch_size,
                                    progress=self.cfg.progress)
             report = rec.step(copy.deepcopy(model), ids, float(sparsity), final=True)
             blob["layers"] = rec.recorded
@@ -357,57 +357,6 @@ class ShiftAnalysis:
         self.timing["total_s"] = time.perf_counter() - t0
         result["timing"] = dict(self.timing)
         return result
-
-
-def materialise(model, tokenizer, target: Path) -> Path:
-    """Save a (GGUF-dequantised) model as a plain fp32 Hugging Face checkpoint; transformers refuses to
-    save a GGUF-loaded model, so its weights are copied into a plain model of the same config."""
-    from transformers import AutoModelForCausalLM
-
-    from ..utils.atomic import atomic_dir
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"materialise: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return target
-
-
-class _RecordingPruner(Pruner):
-    """A Pruner that keeps the per-block diag statistics it scores with (to recompute scores later)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.recorded: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
-
-    def _block_scores(self, inputs, stats, geo, block, layers, i):
-        if stats is not None:
-            self.recorded[i] = {g: (s.diag.detach().cpu().clone(), s.n) for g, s in stats.items()}
-        return super()._block_scores(inputs, stats, geo, block, layers, i)
-
-
-def layer_scores(model, i: int, layer_stats: dict | None, cfg: PruneConfig) -> dict[str, torch.Tensor]:
-    """Scores of block ``i``'s pruned linears (full names), exactly as the Pruner computes them."""
-    layers = st.blocks(model)
-    block = layers[i]
-    linears = st.block_linears(block, cfg.modules)
-    prefix = f"model.layers.{i}"
-    inputs = {n: ModuleInput(st.effective_weight(m)) for n, m in linears.items()}
-    stats = None
-    if layer_stats:
-        stats = {g: InputStats(diag, int(n), "diag") for g, (diag, n) in layer_stats.items()}
-    pruner = Pruner(cfg, progress=False)
-    with torch.no_grad():
-        scores = pruner._block_scores(inputs, stats, st.geometry(model), block, layers, i)
-    return {f"{prefix}.{'self_attn' if n in st.ATTN else 'mlp'}.{n}": s.float() for n, s in scores.items()}
 
 
 # ----------------------------------------------------------------------------- summary

@@ -5,6 +5,7 @@ as GGUF; transformers dequantises it to the requested dtype.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -118,3 +119,25 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def save_plain_checkpoint(model, tokenizer, target: Path) -> Path:
+    """Save a (GGUF-dequantised) model as a plain fp32 Hugging Face checkpoint; transformers refuses to
+    save a GGUF-loaded model, so its weights are copied into a plain model of the same config."""
+    from transformers import AutoModelForCausalLM
+
+    from ..utils.atomic import atomic_dir
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"save_plain_checkpoint: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
