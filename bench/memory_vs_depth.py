@@ -46,13 +46,13 @@ def rank_cell(rank, world, cell):
     import torch
 
     torch.set_num_threads(1)
-    from xpert_dist.dist.comm import skip_shm_op_build
+    from xpert_dist.distributed.comm import skip_shm_op_build
 
     skip_shm_op_build()
     import deepspeed  # noqa: F401
 
     from xpert_dist.config import PruneConfig
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.prune.pruner import Pruner
     from xpert_dist.stats.sequential import sequential_calibration, shard_rows
 

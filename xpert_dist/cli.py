@@ -37,7 +37,7 @@ def _prune(argv: list[str]) -> int:
     from .models.loading import load_model, load_tokenizer
     from .prune.oneshot import prune
     from .train import export
-    from .dist.context import DistContext
+    from .distributed.context import DistContext
 
     mcfg = ModelConfig(name_or_path=args.model)
     model, tok = load_model(mcfg), load_tokenizer(mcfg)

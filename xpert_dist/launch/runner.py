@@ -22,7 +22,7 @@ def init_distributed(cfg: RunConfig, dist_env) -> None:
         return
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from ..dist.comm import init_distributed as init_pg
+    from ..distributed.comm import init_distributed as init_pg
 
     init_pg(use_deepspeed=cfg.ds_config is not None)
 

@@ -4,12 +4,8 @@ Kept apart from :mod:`.memory` (which computes the terms) so the arithmetic read
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .shapes import GiB
-
-if TYPE_CHECKING:
-    from .memory import Plan, PlanSpec, Term
+from .spec import Plan, PlanSpec, Term
 
 
 def suggest(spec: "PlanSpec", terms: list["Term"], peaks: dict, fits: dict) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig, validate, RunConfig
-from ..dist.context import DistContext
+from ..distributed.context import DistContext
 from ..models.structure import check_family
 from .pruner import Pruner, StepReport
 

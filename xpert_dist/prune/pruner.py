@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PruneConfig
-from ..dist.context import DistContext
+from ..distributed.context import DistContext
 from ..errors import ConfigError
 from ..maths import masks as mask_ops, scores as score_ops
 from ..models import structure as st

@@ -7,7 +7,7 @@ the host. Under ZeRO-3 the caller supplies ``gather_block`` to materialise one b
 
 Distributed calibration: each rank passes only its own batches (a contiguous run of the global
 batches, e.g. ``ctx.shard(K)``) and their global indices (``batch_indices``), or a context ``ctx``
-(a :class:`xpert_dist.dist.context.DistContext`) from which the indices, the block gather and the
+(a :class:`xpert_dist.distributed.context.DistContext`) from which the indices, the block gather and the
 forward scope are derived. Every batch is a leaf of the canonical summation tree, so the
 statistics handed to ``on_block`` reduce (``ctx.reduce_stats``) to the same bits for any world
 size. A distributed context that is *active* (``TorchDistContext`` activates itself) is used

@@ -19,7 +19,7 @@ the backend. This module fixes the *tree* instead:
   the canonical tree's root, which depends only on the leaf values and ``K``: identical bits for
   every world size, every contiguous partition, and every rerun.
 
-Pure tensor code: no torch.distributed here (the transport lives in :mod:`xpert_dist.dist`).
+Pure tensor code: no torch.distributed here (the transport lives in :mod:`xpert_dist.distributed`).
 """
 from __future__ import annotations
 

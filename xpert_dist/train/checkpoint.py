@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..dist.context import DistContext
+from ..distributed.context import DistContext
 from ..errors import ConfigError
 from ..launch import checkpoint_io, signals
 

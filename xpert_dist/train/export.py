@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dist.context import DistContext
+from ..distributed.context import DistContext
 from ..errors import XpertError
 from ..models import structure as st
 from ..utils.atomic import atomic_dir

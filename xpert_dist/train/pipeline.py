@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..dist.context import DistContext
+from ..distributed.context import DistContext
 from ..launch import signals
 from ..models import loading, structure as st
 from ..models.lora import wrap_lora
@@ -55,7 +55,7 @@ def memory_marks(marks: dict[str, float]) -> dict:
 def make_context(zero3: bool, offload: str = "none") -> DistContext:
     """The DistContext for this process: multi-rank/ZeRO-3 aware when torch.distributed is up;
     with statistics offload on, calibration partial sums live in host memory."""
-    from ..dist.context import from_environment
+    from ..distributed.context import from_environment
 
     return from_environment(zero3=zero3, partials_device="cpu" if offload != "none" else None)
 

@@ -65,7 +65,7 @@ def tree_transport(rank, world, ks, shape):
     """Every rank pushes its shard of K random leaves; the owner's result is returned."""
     import torch
 
-    from xpert_dist.dist.context import TorchDistContext, from_environment
+    from xpert_dist.distributed.context import TorchDistContext, from_environment
     from xpert_dist.stats.capture import InputStats
     from xpert_dist.stats.tree import TreeSum
 
@@ -93,7 +93,7 @@ def tree_transport(rank, world, ks, shape):
 def stats_and_prune_plain(rank, world, pbs):
     """No ZeRO: every rank holds a replica. Statistics of each block (reduced, owner + remote views)
     and a full one-shot prune (lead's prune(), ForeSight + PBS) through TorchDistContext."""
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.prune.oneshot import prune
     from xpert_dist.stats.sequential import sequential_calibration, shard_rows
 
@@ -152,7 +152,7 @@ def zero3_stats_prune(rank, world, pbs):
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.models import structure as st
     from xpert_dist.prune.oneshot import prune
     from xpert_dist.stats.sequential import sequential_calibration, shard_rows
@@ -205,7 +205,7 @@ def dies_during_accumulation(rank, world, timeout_s, victim):
     """``victim`` calls os._exit in the middle of its forward passes; the others then reduce."""
     import torch
 
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.errors import DistributedError
     from xpert_dist.stats.capture import StatsCollector
 
@@ -230,7 +230,7 @@ def dies_during_accumulation(rank, world, timeout_s, victim):
 
 def hangs_in_collective(rank, world, timeout_s):
     """Rank 1 stops answering (sleeps) instead of dying: the others time out with DistributedError."""
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.errors import DistributedError
 
     ctx = TorchDistContext(timeout_s=timeout_s)
@@ -273,7 +273,7 @@ def ds_configs_train(rank, world, names):
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from xpert_dist.dist.context import TorchDistContext
+    from xpert_dist.distributed.context import TorchDistContext
     from xpert_dist.models import structure as st
 
     ctx = TorchDistContext(timeout_s=60)

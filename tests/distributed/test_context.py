@@ -4,9 +4,9 @@ import functools
 import pytest
 import torch
 
-from xpert_dist.dist import DistContext, from_environment
-from xpert_dist.dist.comm import guard, timeout_seconds
-from xpert_dist.dist.zero import _is_deepspeed_hook, suspended_zero_hooks
+from xpert_dist.distributed import DistContext, from_environment
+from xpert_dist.distributed.comm import guard, timeout_seconds
+from xpert_dist.distributed.zero import _is_deepspeed_hook, suspended_zero_hooks
 from xpert_dist.errors import DistributedError
 from xpert_dist.stats.tree import contiguous_shard
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from xpert_dist.dist.owners import assign_owners, balance_bound, loads
+from xpert_dist.distributed.owners import assign_owners, balance_bound, loads
 from xpert_dist.errors import ConfigError
 
 

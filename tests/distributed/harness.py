@@ -30,7 +30,7 @@ def _entry(fn, rank, world, port, q, args, env):
     import torch
 
     torch.set_num_threads(1)
-    from xpert_dist.dist.comm import skip_shm_op_build
+    from xpert_dist.distributed.comm import skip_shm_op_build
 
     skip_shm_op_build()
     try:

@@ -16,8 +16,8 @@ from helpers import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.dist import workers  # noqa: E402
-from tests.dist.harness import ok, run_ranks  # noqa: E402
+from tests.distributed import workers  # noqa: E402
+from tests.distributed.harness import ok, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PBS_RTOL = 1e-6
