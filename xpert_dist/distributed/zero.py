@@ -108,3 +108,40 @@ def set_partition(param, value: torch.Tensor) -> None:
         part[:count].copy_(flat[offset:offset + count].to(part.dtype))
     if count < part.numel():
         part[count:].zero_()
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict | None):
+    """Build models partitioned (DeepSpeed ``zero.Init``) inside this block, and only here.
+
+    transformers enters ``zero.Init`` in every ``from_pretrained``/``from_config`` while an
+    ``HfDeepSpeedConfig`` object is alive; ``zero.Init`` broadcasts each new parameter from rank 0,
+    a collective. Alive beyond the load, it turns any later model construction on one rank (export,
+    evaluation, reports) into a collective that the other ranks never join: a hang, then a timeout.
+    So the object lives exactly as long as this block, and the global reference is cleared on exit.
+    Without ZeRO-3 (no config, or stage < 3) this does nothing.
+    """
+    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del hf_ds
+        unset_hf_deepspeed_config()
+        if is_deepspeed_zero3_enabled():  # a reference kept elsewhere would re-open the hang
+            raise RuntimeError("partitioned_loading: zero.Init is still enabled after the model was loaded")
+
+
+def zero3_init_enabled() -> bool:
+    """Whether transformers would build new models under ``zero.Init`` right now."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers without the integration
+        return False
+    return bool(is_deepspeed_zero3_enabled())

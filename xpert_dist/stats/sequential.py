@@ -64,10 +64,9 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
                          ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering block 0 for each calibration batch, plus the keyword arguments
     (rotary embeddings, causal mask) that the decoder layers receive. Stops the forward there.
-    ``gather`` materialises the pre-block modules (ZeRO-3)."""
+    ``gather`` materialises the pre-block modules (ZeRO-3). It is entered even by a rank that holds
+    no calibration rows: a ZeRO-3 gather is a collective, and every rank must join it."""
     layers = blocks(model)
-    if input_ids.shape[0] == 0:
-        return [], {}
     gather = gather or (lambda _m: contextlib.nullcontext())
     first = layers[0]
     captured: list[torch.Tensor] = []

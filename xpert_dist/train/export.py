@@ -81,6 +81,11 @@ def save_hf_checkpoint(sd: dict[str, torch.Tensor], model: nn.Module, tokenizer,
     """Write ``sd`` as a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads."""
     from transformers import AutoModelForCausalLM
 
+    from ..distributed.zero import zero3_init_enabled
+
+    if zero3_init_enabled():  # from_config would become a collective on this one rank (a hang)
+        raise XpertError("export: DeepSpeed zero.Init is still enabled (an HfDeepSpeedConfig outlived the "
+                         "model load); load under distributed.zero.partitioned_loading")
     config = copy.deepcopy(st.unwrap(model).config)
     if getattr(config, "quantization_config", None) is not None:  # QLoRA base: the export is dense
         del config.quantization_config

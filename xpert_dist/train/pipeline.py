@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..distributed.context import DistContext
+from ..distributed.zero import partitioned_loading
 from ..launch import signals
 from ..models import loading, structure as st
 from ..models.lora import wrap_lora
@@ -86,12 +87,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     ds = preflight(cfg, world)
     torch.manual_seed(cfg.train.seed)
 
-    hf_ds = None
-    if _zero_stage(ds) == 3 and cfg.model.tiny is None:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (keeps zero.Init active while loading)
-    model = loading.load_model(cfg.model, seed=cfg.train.seed)
+    # under ZeRO-3 the model is built partitioned; zero.Init is active for this load only
+    with partitioned_loading(ds if cfg.model.tiny is None else None):
+        model = loading.load_model(cfg.model, seed=cfg.train.seed)
     marks = {"load": peak_rss_mb()}
     st.check_family(model)
     tokenizer = loading.load_tokenizer(cfg.model)
