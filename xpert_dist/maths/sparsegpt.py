@@ -36,28 +36,40 @@ from xpert_dist.maths.scores import check_finite
 __all__ = ["sparsegpt_prune"]
 
 
-def _hinv_chol(H: Tensor, damp: float, max_retries: int) -> Tensor | None:
-    """Upper Cholesky factor of ``(H + damp·I)⁻¹``; 10× damping per retry; None if all fail."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+def _hinv_chol(H: Tensor, dead: Tensor, dtype: torch.dtype, damp: float, max_retries: int) -> Tensor | None:
+    """Upper Cholesky factor of ``(H' + damp·I)⁻¹`` (``H'``: ``H`` in ``dtype`` with dead diagonals
+    set to 1); 10× damping per retry; None if all fail.
+
+    Memory: at most two ``in × in`` matrices live besides the caller's ``H`` (the damped copy, then
+    the factor, then ``H⁻¹``, then its factor; each freed as soon as the next exists). The damping
+    is added to the copy's diagonal in place (no identity matrix, no ``H + damp·I`` temporary).
+    """
     for attempt in range(max_retries + 1):
         try:
-            L = torch.linalg.cholesky(H + damp * eye)
+            Hd = H.detach().to(dtype, copy=True)
+            Hd[dead, dead] = 1.0
+            Hd.diagonal().add_(damp)
+            L = torch.linalg.cholesky(Hd)
+            del Hd
             Hinv = torch.cholesky_inverse(L)
+            del L
             U = torch.linalg.cholesky(Hinv, upper=True)
+            del Hinv
             if bool(torch.isfinite(U).all()):
                 return U
+            del U
             raise RuntimeError("non-finite Cholesky factor")
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
+            reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"
             if attempt == max_retries:
                 break
             warnings.warn(
-                f"sparsegpt: Cholesky of the damped Hessian failed ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:120]}); retrying with 10x damping "
+                f"sparsegpt: Cholesky of the damped Hessian failed ({reason}); retrying with 10x damping "
                 f"({damp:.3g} -> {10 * damp:.3g})",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            damp = 10.0 * damp if damp > 0 else 1e-8 * float(H.diagonal().abs().mean() + 1.0)
+            damp = 10.0 * damp if damp > 0 else 1e-8 * float(H.diagonal().to(dtype).masked_fill(dead, 1.0).abs().mean() + 1.0)
     return None
 
 
@@ -99,13 +111,13 @@ def sparsegpt_prune(
         raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
     out_dtype = W.dtype
-    Wc = W.detach().to(dtype).clone()
-    Hc = H.detach().to(dtype).clone()
-    dead = Hc.diagonal() == 0
-    Hc[dead, dead] = 1.0
+    Wc = W.detach().to(dtype, copy=True)
+    hdiag = H.diagonal().to(dtype, copy=True)  # no full copy of H here: _hinv_chol makes the one it needs
+    dead = hdiag == 0
+    hdiag[dead] = 1.0
     Wc[:, dead] = 0.0
-    damp = float(percdamp) * abs(float(Hc.diagonal().mean()))
-    Hinv = _hinv_chol(Hc, damp, max_retries)
+    damp = float(percdamp) * abs(float(hdiag.mean()))
+    Hinv = _hinv_chol(H, dead, dtype, damp, max_retries)
     if Hinv is None:
         warnings.warn(
             "sparsegpt: Cholesky failed even with increased damping; falling back to a diagonal "
@@ -113,7 +125,7 @@ def sparsegpt_prune(
             RuntimeWarning,
             stacklevel=2,
         )
-        scores = Wc.square() * Hc.diagonal().abs()[None, :]
+        scores = Wc.square() * hdiag.abs()[None, :]
         keep = nm_mask(scores, *pattern) if pattern is not None else select_mask(scores, s, "layer")
         return (Wc * keep).to(out_dtype), keep
 
