@@ -32,7 +32,7 @@ def write_run(run_dir: Path, name: str, method: str, metrics: dict, sparsity: fl
               seed: int = 0, prune_steps=(), masks: bool = True) -> Path:
     """A finished run's stored files, written by hand in the schema of xpert_dist.report.results
     (results.json, manifest.json, masks.safetensors) without running anything."""
-    from safetensors.torch import save_file
+    from xpert_dist.train.export import save_masks
 
     run_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -66,5 +66,5 @@ def write_run(run_dir: Path, name: str, method: str, metrics: dict, sparsity: fl
     (run_dir / "results.json").write_text(json.dumps(results))
     (run_dir / "manifest.json").write_text(json.dumps({"name": name, "metrics": metrics}))
     if masks and method != "none":
-        save_file(keep, str(run_dir / "masks.safetensors"))
+        save_masks(keep, run_dir / "masks.safetensors")
     return run_dir

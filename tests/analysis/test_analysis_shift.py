@@ -111,11 +111,11 @@ def test_transfer_end_to_end(shift_dir, analyze, tmp_path):
     _, analysis = S.load_shift(out)
     health = next(d for d in analysis.cfg.domains if d.name == "health")
     # a "run" whose masks are health's own one-shot masks: its retention must equal after:self
-    from safetensors.torch import save_file
+    from xpert_dist.train.export import save_masks
 
     own = tmp_path / "own_run"
     own.mkdir()
-    save_file(S.compute_masks(analysis, "after", health, 0.5), str(own / "masks.safetensors"))
+    save_masks(S.compute_masks(analysis, "after", health, 0.5), own / "masks.safetensors")
     tr = tmp_path / "transfer"
     assert analyze.main(["transfer", "--shift-dir", str(out), "--targets", "health", "--sparsity", "0.5",
                          "--own-run", f"health={own}", "--tasks", "none", "--perplexity-windows", "2",

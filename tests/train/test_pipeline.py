@@ -9,6 +9,7 @@ import torch
 from xpert_dist.config import config_from_dict
 from xpert_dist.errors import ConfigError
 from xpert_dist.train import pipeline
+from xpert_dist.train.export import load_masks
 
 from helpers import SHARED_DATA
 
@@ -29,13 +30,12 @@ def tiny_cfg(out, **sections):
 
 
 def test_export_reloads_with_exact_sparsity(tmp_path):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_cfg(tmp_path / "run")
     res = pipeline.run(cfg, progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
-    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    masks = load_masks(tmp_path / "run" / "masks.safetensors")
     assert len(masks) == 14
     sd = model.state_dict()
     for name, keep in masks.items():
@@ -80,8 +80,8 @@ def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
     monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
     signals.reset()
     res = pipeline.run(cfg, progress=False)
-    a = load_file(str(tmp_path / "ref" / "masks.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "masks.safetensors"))
+    a = load_masks(tmp_path / "ref" / "masks.safetensors")
+    b = load_masks(tmp_path / "cut" / "masks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     wa = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
@@ -158,7 +158,6 @@ def test_baselines_through_same_entry_point(tmp_path, method, schedule):
 def test_qlora_4bit_base_prunes_and_exports_dense_sparse(tmp_path):
     """QLoRA: a 4-bit (NF4, bitsandbytes) base is scored dequantised, re-quantised with exact zeros,
     and exported as a plain dense checkpoint with the exact target sparsity."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from helpers import tiny_model
@@ -175,7 +174,7 @@ def test_qlora_4bit_base_prunes_and_exports_dense_sparse(tmp_path):
         pipeline.run(cfg, progress=False)
     finally:
         loading.load_tokenizer = orig
-    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    masks = load_masks(tmp_path / "run" / "masks.safetensors")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     sd = model.state_dict()
     for name, keep in masks.items():

@@ -78,20 +78,19 @@ def movement_section(runs: list[dict], out_dir: Path) -> list[str]:
 
 
 def overlap_section(dirs: list[Path], names: list[str]) -> list[str]:
-    from safetensors import safe_open
+    from ..train.export import load_masks
 
     have = [(n, d / "masks.safetensors") for n, d in zip(names, dirs) if (d / "masks.safetensors").is_file()]
     if len(have) < 2:
         return []
     rows = []
     for (na, pa), (nb, pb) in itertools.combinations(have, 2):
-        with safe_open(str(pa), "pt") as fa, safe_open(str(pb), "pt") as fb:
-            common = sorted(set(fa.keys()) & set(fb.keys()))
-            counts = {}
-            for k in common:
-                a, b = fa.get_tensor(k).bool(), fb.get_tensor(k).bool()
-                if a.shape == b.shape:
-                    counts[k] = M.overlap_counts(a, b)
+        fa, fb = load_masks(pa, packed=True), load_masks(pb, packed=True)
+        counts = {}
+        for k in sorted(set(fa) & set(fb)):
+            a, b = fa[k], fb[k]  # unpacked one matrix at a time
+            if a.shape == b.shape:
+                counts[k] = M.overlap_counts(a, b)
         if not counts:
             continue
         by_mod = M.pooled_iou(counts, "module")

@@ -178,12 +178,12 @@ class Transfer:
     def masks(self, source: str, sparsity: float) -> dict[str, torch.Tensor]:
         kind, _, arg = source.partition(":")
         if kind == "run":
-            from safetensors.torch import load_file
+            from ..train.export import load_masks
 
             path = Path(arg) / "masks.safetensors"
             if not path.is_file():
                 raise ConfigError(f"transfer source {source}: {path} does not exist")
-            masks = {k: v.bool() for k, v in load_file(str(path)).items()}
+            masks = load_masks(path)
             got = 1.0 - sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
             if abs(got - sparsity) > 0.01:
                 raise ConfigError(f"transfer source {source}: its masks have sparsity {got:.3f}, not {sparsity:g} "

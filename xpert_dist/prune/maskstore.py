@@ -10,6 +10,18 @@ import numpy as np
 import torch
 
 
+def pack_mask(keep: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(bits, shape): the mask in row-major order, 8 entries per byte, first entry in the high bit
+    (``np.packbits``); the last byte is zero-padded."""
+    arr = keep.detach().cpu().contiguous().numpy().astype(bool, copy=False)
+    return np.packbits(arr.ravel()), tuple(keep.shape)
+
+
+def unpack_mask(bits: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(bits, count=n).astype(bool).reshape(shape))
+
+
 class MaskStore(MutableMapping):
     """``name -> bool tensor`` mapping that stores each mask as packed bits."""
 
@@ -19,13 +31,20 @@ class MaskStore(MutableMapping):
             self[k] = v
 
     def __setitem__(self, name: str, keep: torch.Tensor) -> None:
-        arr = keep.detach().cpu().contiguous().numpy().astype(bool, copy=False)
-        self._packed[name] = (np.packbits(arr.ravel()), tuple(keep.shape))
+        self._packed[name] = pack_mask(keep)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        bits, shape = self._packed[name]
+        return unpack_mask(*self._packed[name])
+
+    def packed(self, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """(bits, shape) as stored (see `pack_mask`), without unpacking."""
+        return self._packed[name]
+
+    def set_packed(self, name: str, bits: np.ndarray, shape: tuple[int, ...]) -> None:
         n = int(np.prod(shape))
-        return torch.from_numpy(np.unpackbits(bits, count=n).astype(bool).reshape(shape))
+        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != (n + 7) // 8:
+            raise ValueError(f"mask {name}: {bits.size} packed bytes do not fit shape {tuple(shape)}")
+        self._packed[name] = (bits, tuple(int(d) for d in shape))
 
     def __delitem__(self, name: str) -> None:
         del self._packed[name]

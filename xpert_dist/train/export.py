@@ -108,15 +108,99 @@ def save_hf_checkpoint(sd: dict[str, torch.Tensor], model: nn.Module, tokenizer,
     return out_dir
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
+MASKS_FORMAT = "xpert-dist-masks/packbits-v1"
+
+
+def save_masks(masks, path: str | Path) -> Path:
+    """Write the pruning masks (``name -> bool tensor`` or a `MaskStore`) bit-packed: 1 bit per weight.
+
+    ``masks.safetensors`` holds one uint8 tensor per matrix, the mask in row-major order packed 8
+    entries per byte, first entry in the high bit (``numpy.packbits``, as `MaskStore` keeps it), and
+    the metadata ``format`` (`MASKS_FORMAT`) and ``shapes`` (JSON ``{name: shape}``). Read it back
+    with `load_masks`. The manifest's ``mask_sha256[name]`` is
+    ``sha256(str(tuple(shape)).encode() + packed bytes)``: a hash of the unpacked boolean mask (its
+    shape and its entries in row-major order), which equals the hash of the stored bytes. Written
+    to a temporary name beside ``path`` and renamed into place.
+    """
+    import json
+    import os
+    import tempfile
+
     from safetensors.torch import save_file
 
-    from ..utils.atomic import atomic_write_bytes
+    from ..prune.maskstore import MaskStore
 
-    tmp = Path(path).with_suffix(".partial")
-    save_file({k: v.to(torch.bool).contiguous() for k, v in masks.items()}, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    store = masks if isinstance(masks, MaskStore) else MaskStore(masks)
+    tensors, shapes = {}, {}
+    for name in sorted(store):
+        bits, shape = store.packed(name)
+        tensors[name] = torch.from_numpy(bits.copy())
+        shapes[name] = list(shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": MASKS_FORMAT, "shapes": json.dumps(shapes)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_masks(path: str | Path, *, packed: bool = False):
+    """Read ``masks.safetensors`` -> ``{name: bool tensor}`` (``packed=True``: a `MaskStore`, which
+    keeps them at 1 bit per weight). Files from before bit-packing (one bool per weight, no
+    ``format`` metadata) still load. Raises `ConfigError` naming the file when it is missing or is
+    not a masks file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from ..errors import ConfigError
+    from ..prune.maskstore import MaskStore
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"masks file {path} does not exist")
+    store = MaskStore()
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            fmt = meta.get("format")
+            if fmt == MASKS_FORMAT:
+                shapes = json.loads(meta["shapes"])
+                for name in f.keys():
+                    store.set_packed(name, f.get_tensor(name).numpy(), tuple(shapes[name]))
+            elif fmt is None:  # the unpacked format: one bool per weight
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if t.dtype != torch.bool:
+                        raise ConfigError(f"masks file {path}: {name} is {t.dtype}, not a mask "
+                                          f"(no format metadata, so bool tensors were expected)")
+                    store[name] = t
+            else:
+                raise ConfigError(f"masks file {path}: unknown format {fmt!r} (this version reads {MASKS_FORMAT})")
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"masks file {path} is not readable: {e}") from e
+    return store if packed else {name: store[name] for name in store}
+
+
+def mask_file_sha256(path: str | Path) -> dict[str, str]:
+    """``{name: mask_sha256}`` of a masks file, as the manifest records it (see `save_masks`)."""
+    import hashlib
+
+    store = load_masks(path, packed=True)
+    out = {}
+    for name in sorted(store):
+        bits, shape = store.packed(name)
+        out[name] = hashlib.sha256(str(tuple(shape)).encode() + bits.tobytes()).hexdigest()
+    return out
 
 
 def save_adapter(model: nn.Module, ctx: DistContext, out_dir: str | Path) -> None:
