@@ -150,7 +150,8 @@ def ds_engine(model, world: int, micro_batch: int, config: str = "zero3.json"):
     from xpert_dist.train.engine import load_ds_config
 
     ds = load_ds_config(RunConfig(ds_config=str(REPO / "ds_configs" / config),
-                                  train=TrainConfig(batch_size=micro_batch, grad_accum=1, lr=1e-4)), world)
+                                  train=TrainConfig(batch_size=micro_batch * world, micro_batch_size=micro_batch,
+                                                     lr=1e-4)), world)
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     return engine

@@ -8,9 +8,11 @@
     python launchers/submit.py sweep --config configs/llama7b_health.yaml \\
         --grid prune.sparsity=0.4,0.5 train.seed=0,1,2
 
-    # the same config at world sizes 1 and 2 plus one repeat, then compare the masks (train.batch_size
-    # is per rank: it is rescaled so that every run sees the global batch of the first world size)
-    python launchers/submit.py repro --config cfg.yaml --world-sizes 1,2 --repeats 1
+    # the same config on 1 process, 1 node x 2 ranks, 2 nodes x 1 rank, plus one rerun, then one
+    # report (train.batch_size is the global batch, so every layout trains on the same rows; add
+    # train.reproducible=true for bit-identical training, see README "Determinism")
+    python launchers/submit.py repro --config cfg.yaml --layouts 1x1,1x2,2x1 --repeats 1 \
+        --report bench/results/repro train.reproducible=true
 
 Cluster parameters never go into the run config: they come from ``--cluster FILE`` (a YAML with
 a ``slurm:`` section; default: ``<config>.slurm.yaml`` or ``slurm.yaml`` next to the config) and
@@ -19,7 +21,8 @@ this process. Jobs are ``Checkpointable``: on preemption or time-out they checkp
 themselves, and the pipeline resumes from ``output_dir/checkpoints``.
 
 Exit status: 0 submitted (or, with --wait, all succeeded), 1 a job failed, 2 bad arguments or
-config, and for ``repro`` the status of the comparison (1 masks differ).
+config, and for ``repro`` the status of the comparison (launchers/repro.py: 1 different,
+4 within float noise where --require identical).
 """
 import argparse
 import os
@@ -67,12 +70,14 @@ def main(argv=None) -> int:
     p_sweep.add_argument("--wait", action="store_true", help="wait for all jobs and report")
     p_repro = sub.add_parser("repro", help="same config at several world sizes + repeats, then compare")
     _add_common(p_repro)
-    p_repro.add_argument("--world-sizes", default="1,2", help="comma-separated, e.g. 1,2,4")
-    p_repro.add_argument("--repeats", type=int, default=1, help="reruns of the first world size")
+    p_repro.add_argument("--layouts", help="comma-separated NODESxTASKS, e.g. 1x1,1x2,2x1 (wins over --world-sizes)")
+    p_repro.add_argument("--world-sizes", default="1,2", help="comma-separated, e.g. 1,2,4 (one node while it fits)")
+    p_repro.add_argument("--repeats", type=int, default=1, help="reruns of the first layout")
     p_repro.add_argument("--loss-tol", type=float, default=None)
-    p_repro.add_argument("--no-keep-global-batch", dest="keep_global_batch", action="store_false",
-                         help="keep train.batch_size per rank as is (the global batch then grows with the "
-                              "world size and masks are not expected to agree)")
+    p_repro.add_argument("--require", choices=("identical", "noise"), default="identical",
+                         help="verdict needed for exit 0 (see launchers/repro.py)")
+    p_repro.add_argument("--report", help="write the report as REPORT.md and REPORT.json (default: "
+                                          "<output_dir>/repro/REPORT.md and .json)")
     args = ap.parse_args(argv)
 
     from xpert_dist.errors import XpertError
@@ -88,9 +93,8 @@ def main(argv=None) -> int:
         elif args.cmd == "sweep":
             plans = submission.plan_sweep(args.config, args.overrides, args.grid, settings)
         else:
-            sizes = [int(x) for x in args.world_sizes.split(",") if x.strip()]
-            plans = submission.plan_repro(args.config, args.overrides, sizes, settings, args.repeats,
-                                          keep_global_batch=args.keep_global_batch)
+            layouts = [x for x in (args.layouts or args.world_sizes).split(",") if x.strip()]
+            plans = submission.plan_repro(args.config, args.overrides, layouts, settings, args.repeats)
         if args.executor != "slurm":
             for p in plans:
                 cluster.executor_parameters(p.settings, args.executor)  # e.g. local: one node only
@@ -98,9 +102,10 @@ def main(argv=None) -> int:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
 
-    if args.cmd == "repro" and len(set(p.world_size for p in plans)) > 1 and plans[0].config["lora"]["dropout"] > 0:
-        print(f"note: lora.dropout={plans[0].config['lora']['dropout']} draws its noise per rank, so masks can "
-              f"differ across world sizes; add lora.dropout=0 for a bitwise comparison", file=sys.stderr)
+    if (args.cmd == "repro" and len(set(p.world_size for p in plans)) > 1 and plans[0].config["lora"]["dropout"] > 0
+            and not plans[0].config["train"]["reproducible"]):
+        print(f"note: lora.dropout={plans[0].config['lora']['dropout']} draws its noise per rank outside "
+              f"train.reproducible=true, so masks can differ across world sizes", file=sys.stderr)
     print(f"{len(plans)} job(s), executor {args.executor}:")
     for p in plans:
         print("  " + submission.describe(p))
@@ -118,15 +123,19 @@ def main(argv=None) -> int:
         return 1
     if args.cmd != "repro":
         return 0
-    rep = repro.compare_runs([p.output_dir for p in plans], [p.label for p in plans], loss_tol=args.loss_tol)
+    rep = repro.compare_runs([p.output_dir for p in plans], [p.label for p in plans], loss_tol=args.loss_tol,
+                             require=args.require)
     text = rep.markdown()
     print(text)
-    report = os.path.join(os.path.dirname(plans[0].output_dir), "REPORT.md")
-    with open(report, "w") as f:
-        f.write(text)
-    print(f"report: {report}")
-    if not rep.masks_identical:
-        print("repro: masks differ in: " + ", ".join(rep.mask_mismatches), file=sys.stderr)
+    stem = args.report or os.path.join(os.path.dirname(plans[0].output_dir), "REPORT")
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_text(stem + ".md", text)
+    atomic_write_json(stem + ".json", rep.to_dict())
+    print(f"report: {stem}.md, {stem}.json")
+    for c in rep.comparisons:
+        if c.verdict != "identical":
+            print(f"repro: {c.label}: {c.verdict} {'; '.join(c.reasons)}", file=sys.stderr)
     return rep.exit_code
 
 

@@ -94,10 +94,27 @@ class PruneConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimisation. ``batch_size`` is the GLOBAL batch: rows per optimizer step, all ranks together.
+
+    Each of W ranks reads its contiguous ``batch_size / W`` rows of every step, in forwards of
+    ``micro_batch_size`` rows (unset: the whole share in one forward), so gradient accumulation is
+    ``batch_size / (W · micro_batch_size)`` forwards per rank and follows from the world size; the
+    loss is the token mean over the whole global batch. The same config is the same training on
+    1, 2 or 4 ranks; a world size that cannot split it is refused (ConfigError) before any model
+    is loaded. Calibration forwards of prune steps use ``micro_batch_size`` rows (``batch_size``
+    when unset; 1 in the reproducibility mode), the same on every world size.
+
+    ``reproducible=true``: training bit-identical across world sizes (plain torch data parallel
+    only, no ``ds_config``): every forward is a fixed-shape leaf of ``micro_batch_size`` rows
+    (default 1), leaf gradients are summed along the canonical pairwise tree over the step's
+    global leaf indices (the tree the statistics use), torch uses ``threads`` threads (default 1),
+    and LoRA dropout is seeded per (step, global leaf). See README "Determinism".
+    """
+
     epochs: int = 1
     max_steps: int | None = None  # caps optimizer steps (all epochs together)
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4  # global: rows per optimizer step over all ranks
+    micro_batch_size: int | None = None  # rows per forward on one rank; None: batch_size / world size
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -106,6 +123,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end / on SLURM signal
     keep_adapter: bool = False  # export the final adapter unmerged beside the merged model
     gradient_checkpointing: bool = False  # recompute block activations in backward (large models)
+    reproducible: bool = False  # bit-identical training across world sizes (see the docstring)
+    threads: int | None = None  # torch.set_num_threads; None: torch's default (1 when reproducible)
 
 
 @dataclass
@@ -289,8 +308,19 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"data.{name}", getattr(d, name))
     if d.calib_seq_len is not None:
         _positive("data.calib_seq_len", d.calib_seq_len)
-    for name in ("epochs", "batch_size", "grad_accum"):
+    for name in ("epochs", "batch_size"):
         _positive(f"train.{name}", getattr(t, name))
+    for name in ("micro_batch_size", "threads"):
+        if getattr(t, name) is not None:
+            _positive(f"train.{name}", getattr(t, name))
+    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide "
+                          f"train.batch_size={t.batch_size} (the global batch)")
+    if not isinstance(t.reproducible, bool):
+        raise ConfigError(f"train.reproducible={t.reproducible!r} must be true or false")
+    if t.reproducible and cfg.ds_config is not None:
+        raise ConfigError(f"train.reproducible=true needs plain torch data parallelism, not ds_config="
+                          f"{cfg.ds_config}: DeepSpeed reduces gradients in an order that depends on the world size")
     _positive("train.lr", t.lr)
     if t.max_steps is not None:
         _positive("train.max_steps", t.max_steps)

@@ -128,7 +128,7 @@ def resolved_ds_config(name="zero3.json", micro_batch=2, lr=0.0, threshold=0, wo
     from xpert_dist.train.engine import load_ds_config
 
     cfg = RunConfig(ds_config=str(REPO / "ds_configs" / name), model=ModelConfig(dtype=dtype),
-                    train=TrainConfig(batch_size=micro_batch, grad_accum=1, lr=1e-3))
+                    train=TrainConfig(batch_size=micro_batch * world, micro_batch_size=micro_batch, lr=1e-3))
     ds = load_ds_config(cfg, world)
     ds["optimizer"]["params"]["lr"] = lr
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold

@@ -58,14 +58,14 @@ def test_plan_sweep_and_repro(tmp_path):
     assert p.config["train"]["max_steps"] == 4
     with pytest.raises(ConfigError, match="prune.sparsity"):  # validated before submission
         submission.plan_sweep(str(cfg), [], ["prune.sparsity=0.5,1.5"], s)
-    rp = submission.plan_repro(str(cfg), ["train.batch_size=4"], [1, 2], s, repeats=1)
-    assert [(r.label, r.world_size) for r in rp] == [("ws1", 1), ("ws2", 2), ("ws1-repeat1", 1)]
-    assert rp[1].output_dir == str(tmp_path / "out" / "repro" / "ws2")
-    # batch_size is per rank: the global batch of the first world size is kept
-    assert [r.config["train"]["batch_size"] for r in rp] == [4, 2, 4]
-    assert submission.per_rank_batch(1, 8, 1, 4) == ["train.batch_size=1", "train.grad_accum=2"]
-    with pytest.raises(ConfigError, match="cannot be split"):
-        submission.per_rank_batch(1, 1, 1, 2)
+    rp = submission.plan_repro(str(cfg), ["train.batch_size=4"], [1, "1x2", "2x1"], s, repeats=1)
+    assert [(r.label, r.world_size, r.settings.nodes) for r in rp] == [
+        ("1x1", 1, 1), ("1x2", 2, 1), ("2x1", 2, 2), ("1x1-rerun1", 1, 1)]
+    assert rp[1].output_dir == str(tmp_path / "out" / "repro" / "1x2")
+    # batch_size is the global batch: nothing is rescaled for the world size
+    assert [r.config["train"]["batch_size"] for r in rp] == [4, 4, 4, 4]
+    with pytest.raises(ConfigError, match="cannot be split evenly over 3 ranks"):
+        submission.plan_repro(str(cfg), ["train.batch_size=4"], ["1x3"], s)
     big = submission.layout_for_world_size(cluster.SlurmSettings(tasks_per_node=8, gpus_per_node=8), 32)
     assert (big.nodes, big.tasks_per_node, big.gpus_per_node) == (4, 8, 8)
 

@@ -1,9 +1,9 @@
 """The real pipeline on the local SLURM cluster (contract: launchers/run.py, manifest.json).
 
 * ``sbatch slurm/cpu_tiny.sh`` (2 ranks, gloo) gives the same mask hashes as one local process
-  reading the same global batches (``train.batch_size`` is per rank, so the single process
-  gets ``2 x batch_size``; see xpert_dist/train/data.py) and LoRA dropout is off (its noise is
-  drawn per rank, so it cannot match across world sizes).
+  with the same config (``train.batch_size`` is the global batch, so both read the same rows per
+  step; see xpert_dist/train/data.py) and LoRA dropout off (outside train.reproducible its noise
+  is drawn per rank, so it cannot match across world sizes).
 * The same 2-rank job, preempted (``scancel --signal=USR1``, as SLURM does before the time
   limit) after step 4, checkpoints, requeues itself and resumes: its final masks equal the
   uninterrupted run's.
@@ -20,7 +20,7 @@ import pytest
 
 from .conftest import REPO, python_env, tiny_config, wait_job, write_config
 
-PER_RANK_BATCH = 2
+GLOBAL_BATCH = 4  # train.batch_size: rows per optimizer step, all ranks together
 RANKS = 2
 
 
@@ -55,11 +55,11 @@ def reference_runs(slurm_cluster, pipeline_ready, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     # lora.dropout=0: dropout draws its noise per rank, so with dropout the batches of 2 ranks and of
     # 1 process see different noise and only the dropout-free computation can match bit for bit
-    cfg = write_config(root / "tiny.json", tiny_config(root / "slurm2", train={"batch_size": PER_RANK_BATCH},
+    cfg = write_config(root / "tiny.json", tiny_config(root / "slurm2", train={"batch_size": GLOBAL_BATCH},
                                                        lora={"dropout": 0.0}))
     local_dir = root / "local1"
     local = subprocess.Popen([sys.executable, str(REPO / "launchers" / "run.py"), "--config", str(cfg), "--no-progress",
-                              f"output_dir={local_dir}", f"train.batch_size={PER_RANK_BATCH * RANKS}"],
+                              f"output_dir={local_dir}"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=python_env())
     log = root / "slurm2.out"
     job = sbatch(cfg, log)
@@ -77,7 +77,7 @@ def test_two_rank_sbatch_job_matches_single_process(reference_runs):
     differ = sorted(k for k in set(ms["mask_sha256"]) | set(ml["mask_sha256"])
                     if ms["mask_sha256"].get(k) != ml["mask_sha256"].get(k))
     assert not differ, (f"{len(differ)} of {len(ms['mask_sha256'])} masks differ between {RANKS} ranks x "
-                        f"batch {PER_RANK_BATCH} and 1 process x batch {PER_RANK_BATCH * RANKS}: {differ[:4]}; "
+                        f"batch {GLOBAL_BATCH // RANKS} and 1 process x batch {GLOBAL_BATCH}: {differ[:4]}; "
                         f"final loss {ms.get('final_loss')} vs {ml.get('final_loss')}")
     log = reference_runs["log"].read_text()
     assert "2 rank(s), master" in log and "srun finished with status 0" in log
@@ -122,7 +122,7 @@ def test_submitit_pipeline_job_preempted_resumes(reference_runs, tmp_path, monke
     monkeypatch.setenv("XPERT_FAULT_DIR", str(fault))
     settings = cluster.SlurmSettings(partition="debug", timeout_min=10, mem_gb=2, signal_delay_s=60)
     plans = submission.plan_run(str(reference_runs["config"]), [
-        f"output_dir={tmp_path / 'run'}", f"train.batch_size={PER_RANK_BATCH * RANKS}"], settings)
+        f"output_dir={tmp_path / 'run'}"], settings)
     (job,) = submission.submit_plans(plans, "slurm", str(tmp_path / "submitit" / "%j"))
     deadline = time.monotonic() + 180
     while not (fault / "paused.rank0").exists():

@@ -1,5 +1,6 @@
 """The README's launch commands run the same code path: plain python, torchrun and the deepspeed
-launcher (2 ranks, ZeRO-3 from ds_configs/zero3.json) end with identical masks."""
+launcher (2 ranks, ZeRO-3 from ds_configs/zero3.json) end with identical masks, from the same
+config (train.batch_size=2 is the global batch: 2 rows per step for 1 process, 1 per rank for 2)."""
 import json
 import os
 import subprocess
@@ -39,11 +40,11 @@ def test_python_torchrun_deepspeed_agree(tmp_path):
     _run([sys.executable, "launchers/run.py", "--no-progress", "--config", str(_config(tmp_path, single, 2))], tmp_path)
     tr = tmp_path / "torchrun"
     _run([os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-          "launchers/run.py", "--no-progress", "--config", str(_config(tmp_path, tr, 1))], tmp_path)
+          "launchers/run.py", "--no-progress", "--config", str(_config(tmp_path, tr, 2))], tmp_path)
     ds = tmp_path / "deepspeed"
     proc = _run([os.path.join(bin_dir, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                  "launchers/run.py", "--no-progress", "--ds_config", "ds_configs/zero3.json",
-                 "--config", str(_config(tmp_path, ds, 1))], tmp_path)
+                 "--config", str(_config(tmp_path, ds, 2))], tmp_path)
     assert "report:" in proc.stdout
     mans = {p.name: json.loads((p / "manifest.json").read_text()) for p in (single, tr, ds)}
     assert mans["single"]["world_size"] == 1 and mans["torchrun"]["world_size"] == 2

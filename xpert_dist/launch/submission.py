@@ -143,44 +143,53 @@ def layout_for_world_size(settings: SlurmSettings, world_size: int) -> SlurmSett
     return dataclasses.replace(settings, nodes=world_size // cap, tasks_per_node=cap)
 
 
-def per_rank_batch(batch_size: int, grad_accum: int, base_world: int, world: int) -> list[str]:
-    """Overrides that keep the global batch (``batch_size x grad_accum x world``, with
-    ``batch_size`` per rank) of ``base_world`` ranks at ``world`` ranks: the batch per rank is
-    divided first, then the accumulation; ConfigError when neither divides."""
-    total = batch_size * grad_accum * base_world
-    if total % world:
-        raise ConfigError(f"global batch {total} (train.batch_size={batch_size} x grad_accum={grad_accum} x "
-                          f"{base_world} ranks) cannot be split over {world} ranks")
-    per_rank = total // world
-    if per_rank % grad_accum == 0:
-        return [f"train.batch_size={per_rank // grad_accum}", f"train.grad_accum={grad_accum}"]
-    if per_rank % batch_size == 0:
-        return [f"train.batch_size={batch_size}", f"train.grad_accum={per_rank // batch_size}"]
-    return [f"train.batch_size={per_rank}", "train.grad_accum=1"]
+def parse_layout(spec: str | int, settings: SlurmSettings) -> tuple[str, SlurmSettings]:
+    """``"2x1"`` (nodes x tasks per node) or a world size ``"2"`` (laid out by
+    :func:`layout_for_world_size`) -> (label, settings for it)."""
+    text = str(spec).strip().lower()
+    if "x" in text:
+        try:
+            nodes, tasks = (int(x) for x in text.split("x"))
+        except ValueError:
+            raise ConfigError(f"layout {spec!r} is not NODESxTASKS (e.g. 2x1) or a world size") from None
+        if nodes < 1 or tasks < 1:
+            raise ConfigError(f"layout {spec!r}: nodes and tasks per node must be >= 1")
+        gpus = tasks if settings.gpus_per_node else 0
+        return f"{nodes}x{tasks}", dataclasses.replace(settings, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus)
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"layout {spec!r} is not NODESxTASKS (e.g. 2x1) or a world size") from None
+    lay = layout_for_world_size(settings, n)
+    return f"{lay.nodes}x{lay.tasks_per_node}", lay
 
 
-def plan_repro(config_path: str | None, overrides: list[str], world_sizes: Sequence[int],
-               settings: SlurmSettings, repeats: int = 1, keep_global_batch: bool = True) -> list[JobPlan]:
-    """The same config at each world size (``ws<N>``) and ``repeats`` reruns of the first (``ws<N>-repeat<k>``).
+def plan_repro(config_path: str | None, overrides: list[str], layouts: Sequence[str | int],
+               settings: SlurmSettings, repeats: int = 1) -> list[JobPlan]:
+    """The same config on each layout (label ``<nodes>x<tasks>``, e.g. ``1x1``, ``1x2``, ``2x1``)
+    and ``repeats`` reruns of the first (``<layout>-rerun<k>``).
 
-    ``train.batch_size`` is per rank, so with ``keep_global_batch`` the per-rank batch (or the
-    accumulation) is rescaled so every run sees the same global batches as the first world size
-    (the config's values apply to that one): only then can the masks agree.
+    Nothing is rescaled: ``train.batch_size`` is the global batch, so every layout trains on the
+    same rows per optimizer step (a layout that cannot split it is refused here, before submission).
     """
-    if not world_sizes:
-        raise ConfigError("repro needs --world-sizes, e.g. 1,2")
+    if not layouts:
+        raise ConfigError("repro needs --layouts (e.g. 1x1,1x2,2x1) or --world-sizes (e.g. 1,2)")
     base = _load(config_path, list(overrides))
     root = Path(base["output_dir"]) / "repro"
-    runs = [(f"ws{n}", n) for n in world_sizes]
-    runs += [(f"ws{world_sizes[0]}-repeat{k}", world_sizes[0]) for k in range(1, repeats + 1)]
+    runs = [parse_layout(x, settings) for x in layouts]
+    labels = [lab for lab, _ in runs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"repro: layouts repeat ({', '.join(labels)}); use --repeats for reruns")
+    runs += [(f"{runs[0][0]}-rerun{k}", runs[0][1]) for k in range(1, repeats + 1)]
     plans = []
-    for label, n in runs:
-        ov = list(overrides)
-        if keep_global_batch:
-            ov += per_rank_batch(base["train"]["batch_size"], base["train"]["grad_accum"], world_sizes[0], n)
-        ov.append(f"output_dir={root / label}")
-        plans.append(JobPlan(label=label, overrides=ov, config=_load(config_path, ov),
-                             settings=layout_for_world_size(settings, n)))
+    from ..train.data import batch_split  # noqa: PLC0415
+    from ..config import config_from_dict  # noqa: PLC0415
+
+    for label, lay in runs:
+        ov = list(overrides) + [f"output_dir={root / label}"]
+        cfg = _load(config_path, ov)
+        batch_split(config_from_dict(cfg).train, lay.nodes * lay.tasks_per_node)  # refuse before submitting
+        plans.append(JobPlan(label=label, overrides=ov, config=cfg, settings=lay))
     return plans
 
 

@@ -65,7 +65,7 @@ class PlanSpec:
     seq_len: int = 2048
     micro_batch: int = 1
     calib_samples: int = 128
-    calib_batch: int | None = None  # None: the micro-batch (the pipeline calibrates with train.batch_size)
+    calib_batch: int | None = None  # None: the micro-batch (the pipeline calibrates with train.micro_batch_size)
     stats_offload: str = "none"  # none | cpu | disk
     stats_dtype: str = "float32"
     dtype: str = "bfloat16"

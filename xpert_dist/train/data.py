@@ -1,9 +1,17 @@
 """Training and calibration tensors for a run, and the seeded order in which ranks read them.
 
-Every rank builds the same tensors (tokenisation is deterministic), then reads its own rows of each
-global batch, so a run's data order does not depend on the number of ranks: the global batch of
-optimizer step k is the same rows whether 1 rank reads ``world × batch`` rows or each of ``world``
-ranks reads ``batch``.
+``train.batch_size`` is the GLOBAL batch: the rows of one optimizer step, all ranks together.
+Every rank builds the same tensors (tokenisation is deterministic) and the same seeded epoch
+order; step ``k`` takes rows ``[k·B, (k+1)·B)`` of that order, rank ``r`` reads its contiguous share
+``[r·B/W, (r+1)·B/W)`` of them in forwards of ``micro`` rows (:func:`batch_split`). The rows of a
+step therefore do not depend on the number of ranks, and neither does the loss: every forward's
+token losses are summed and divided by the token count of the whole global batch
+(``num_items``), so the step's loss and gradient are the global token mean for any split.
+
+Forward ``j`` of the step (counting over all ranks in order) is *leaf* ``j``; in the
+reproducibility mode (``train.reproducible``) its gradient is a leaf of the canonical pairwise
+tree (:mod:`xpert_dist.stats.tree`), which makes the summed gradient bit-identical for every
+world size.
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..data import sources, tokenize
 from ..errors import ConfigError
 
@@ -64,12 +72,60 @@ def build_train_data(cfg: RunConfig, tokenizer, model_max: int | None) -> TrainD
     return TrainData(input_ids, labels, attention, calib, _fingerprint(input_ids, labels, calib))
 
 
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step's global batch is split over ranks and forwards."""
+
+    global_batch: int  # rows per optimizer step, all ranks together (train.batch_size)
+    world_size: int
+    per_rank: int  # rows each rank reads per step
+    micro: int  # rows per forward (a leaf in the reproducibility mode)
+    reproducible: bool = False
+
+    @property
+    def accum(self) -> int:
+        """Forwards per rank per optimizer step (gradient accumulation)."""
+        return self.per_rank // self.micro
+
+    @property
+    def n_leaves(self) -> int:
+        """Forwards per optimizer step over all ranks (the leaves of the gradient tree)."""
+        return self.global_batch // self.micro
+
+
+def batch_split(t: TrainConfig, world_size: int) -> BatchSplit:
+    """Per-rank rows and forward size for ``world_size`` ranks; ConfigError when it cannot be split.
+
+    Default mode: ``micro = train.micro_batch_size`` (unset: the whole per-rank share in one
+    forward). Reproducibility mode: ``micro = train.micro_batch_size`` or 1 row, the same fixed
+    leaf shape on every world size.
+    """
+    B = t.batch_size
+    if B % world_size:
+        raise ConfigError(f"train.batch_size={B} is the global batch (rows per optimizer step, all ranks "
+                          f"together) and cannot be split evenly over {world_size} ranks; use a multiple of {world_size}")
+    per_rank = B // world_size
+    micro = t.micro_batch_size or (1 if t.reproducible else per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro}{' (the leaf size)' if t.reproducible else ''} does not "
+                          f"divide the {per_rank} rows per rank per step (train.batch_size={B} over "
+                          f"{world_size} ranks)")
+    return BatchSplit(B, world_size, per_rank, micro, bool(t.reproducible))
+
+
+def calibration_batch(t: TrainConfig) -> int:
+    """Rows per calibration forward in prune steps: the same on every world size (so one-shot masks
+    do not depend on it): ``train.micro_batch_size``, else 1 row in the reproducibility mode,
+    else ``train.batch_size``."""
+    return t.micro_batch_size or (1 if t.reproducible else t.batch_size)
+
+
 def steps_per_epoch(n_rows: int, cfg: RunConfig, world_size: int) -> int:
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world_size
-    n = n_rows // per_step
+    split = batch_split(cfg.train, world_size)
+    n = n_rows // split.global_batch
     if n == 0:
         raise ConfigError(f"{n_rows} training sequences are fewer than one optimizer step needs "
-                          f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} x {world_size} ranks)")
+                          f"(train.batch_size={split.global_batch}, the global batch)")
     return n
 
 
@@ -78,15 +134,38 @@ def epoch_order(n_rows: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_rows, generator=g)
 
 
+@dataclass
+class StepBatch:
+    """This rank's forwards of one optimizer step, with what the loss and the gradient tree need."""
+
+    micro: list[dict[str, torch.Tensor]]  # one dict of model inputs per forward
+    leaves: list[int]  # global leaf index of each forward (0..n_leaves-1 over all ranks)
+    n_leaves: int
+    num_items: int  # loss tokens in the whole global batch (labels != -100 after the shift), >= 1
+
+    def __len__(self) -> int:
+        return len(self.micro)
+
+    def __iter__(self):
+        return iter(self.micro)
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss in a causal LM batch (the label shift drops each row's first label)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def micro_batches(data: TrainData, order: torch.Tensor, step_in_epoch: int, cfg: RunConfig,
-                  rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of one optimizer step (``grad_accum`` of them)."""
-    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    global_rows = order[step_in_epoch * bs * ga * world_size:(step_in_epoch + 1) * bs * ga * world_size]
-    out = []
-    for a in range(ga):
-        chunk = global_rows[a * bs * world_size:(a + 1) * bs * world_size]
-        rows = chunk[rank * bs:(rank + 1) * bs]
+                  rank: int, world_size: int) -> StepBatch:
+    """This rank's forwards of one optimizer step (``accum`` of them, ``micro`` rows each)."""
+    split = batch_split(cfg.train, world_size)
+    B, m = split.global_batch, split.micro
+    global_rows = order[step_in_epoch * B:(step_in_epoch + 1) * B]
+    first = rank * split.accum
+    out, leaves = [], []
+    for j in range(first, first + split.accum):
+        rows = global_rows[j * m:(j + 1) * m]
         out.append({"input_ids": data.input_ids[rows], "labels": data.labels[rows],
                     "attention_mask": data.attention_mask[rows]})
-    return out
+        leaves.append(j)
+    return StepBatch(out, leaves, split.n_leaves, max(1, loss_tokens(data.labels[global_rows])))

@@ -26,8 +26,8 @@ from ..models.lora import wrap_lora
 from ..prune.pruner import Pruner
 from ..utils.atomic import atomic_write_json
 from . import checkpoint, export, manifest
-from .data import build_train_data, epoch_order, micro_batches, steps_per_epoch
-from .engine import Engine, load_ds_config
+from .data import batch_split, build_train_data, calibration_batch, epoch_order, micro_batches, steps_per_epoch
+from .engine import Engine, load_ds_config, set_threads
 from .schedule import plan_prune_steps
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def make_context(zero3: bool, offload: str = "none") -> DistContext:
 
 def preflight(cfg: RunConfig, world_size: int) -> dict | None:
     """Checks that need no model: config files and data exist (cheap), before anything expensive."""
+    batch_split(cfg.train, world_size)  # the global batch must split over the ranks (ConfigError)
     ds = load_ds_config(cfg, world_size) if cfg.ds_config else None
     from ..data import sources
 
@@ -85,6 +86,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = Path(cfg.output_dir)
     ds = preflight(cfg, world)
+    set_threads(cfg.train)
     torch.manual_seed(cfg.train.seed)
 
     # under ZeRO-3 the model is built partitioned; zero.Init is active for this load only
@@ -104,7 +106,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     total = spe * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, spe * cfg.train.epochs)
     plan = plan_prune_steps(cfg.prune, spe, total)
     ctx = make_context(zero3=_zero_stage(ds) == 3, offload=cfg.prune.offload)
-    pruner = Pruner(cfg.prune, ctx, batch_size=cfg.train.batch_size, progress=progress and rank == 0,
+    pruner = Pruner(cfg.prune, ctx, batch_size=calibration_batch(cfg.train), progress=progress and rank == 0,
                     work_dir=str(out / "offload"))
     if rank == 0:
         log.info("run %s: %d optimizer steps (%d per epoch), prune steps before %s, world size %d%s",
