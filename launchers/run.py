@@ -6,7 +6,8 @@
     deepspeed --num_gpus 2 launchers/run.py --ds_config ds_configs/zero3.json --config cfg.yaml
     srun python launchers/run.py --config cfg.yaml          (inside an sbatch allocation)
 
-Overrides are ``section.key=value`` (YAML values). ``--ds_config`` is the same as ``ds_config=PATH``.
+Overrides are ``section.key=value`` (YAML values, ``prune.pattern=2:4`` stays a string), before or
+after the options. ``--ds_config`` is the same as ``ds_config=PATH``.
 """
 import os
 import sys

@@ -4,12 +4,15 @@
 (`load_config`), so library code can trust its fields. Every error names the field.
 
 Overrides use dotted keys: ``prune.sparsity=0.5 train.max_steps=20 model.name_or_path=/ckpt``;
-values are parsed as YAML scalars/lists (``lora.target_modules=[q_proj,v_proj]``).
+values are parsed as YAML scalars/lists (``lora.target_modules=[q_proj,v_proj]``). Files and overrides
+are read without YAML 1.1's base-60 numbers, so ``prune.pattern=2:4`` is the string ``"2:4"`` (not
+124), and ``1e5`` is a float as in YAML 1.2.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -17,6 +20,30 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's sexagesimal ints/floats (``2:4`` -> 124); exponents need no sign."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parse YAML text as the config reads it (no base-60 numbers); used for files, overrides and sweeps."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "foresight")
@@ -197,7 +224,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:  # keep the raw string on odd input
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
         _set_dotted(tree, key.strip(), value)
@@ -217,7 +244,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
     return data or {}

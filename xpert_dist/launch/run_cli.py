@@ -5,7 +5,8 @@
     deepspeed --num_gpus 2 launchers/run.py --ds_config ds_configs/zero3.json --config cfg.yaml
     srun python launchers/run.py --config cfg.yaml          (inside an sbatch allocation)
 
-Overrides are ``section.key=value`` (YAML values). ``--ds_config`` is the same as ``ds_config=PATH``.
+Overrides are ``section.key=value`` (YAML values) and may come before, between or after the
+options (``output_dir=x --no-progress``). ``--ds_config`` is the same as ``ds_config=PATH``.
 """
 import argparse
 import os
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow overrides
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 

@@ -46,7 +46,16 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         return cfg.name_or_path, cfg.gguf_file
     if (path.is_absolute() or cfg.name_or_path.startswith(".")) and not path.exists():
         raise ConfigError(f"model.name_or_path: directory {path} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: the folder holds no model "
+                          "(no config.json; expected a Hugging Face model folder or a .gguf file)")
     return cfg.name_or_path, None
+
+
+def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ConfigError:
+    """One line naming the path, from whatever transformers raised (missing weights, bad config, ...)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return ConfigError(f"model.name_or_path={cfg.name_or_path!r}: {what} could not be loaded: {first}")
 
 
 def tiny_llama_config(**overrides):
@@ -76,14 +85,21 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     if cfg.quantization:
         from transformers import BitsAndBytesConfig
 
+        from . import BNB_FILTER
+
+        if cfg.quantization == "4bit":  # the kernel warning matters now: let it (and any earlier one) through
+            BNB_FILTER.allow = True
+            for msg in BNB_FILTER.dropped:
+                log.warning("bitsandbytes: %s", msg)
+
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
             if cfg.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
     log.info("loading model %s%s", source, f" ({gguf})" if gguf else "")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from e
+    except (OSError, ValueError, KeyError) as e:  # no weights, bad/unknown config.json, bad hub id
+        raise _load_error(cfg, "the model", e) from e
     return model.eval()
 
 
@@ -94,7 +110,10 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.tiny is not None:
         return ByteTokenizer(tiny_llama_config(**cfg.tiny).vocab_size)
     source, gguf = resolve_source(cfg)
-    tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(cfg, "the tokenizer", e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
