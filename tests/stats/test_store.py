@@ -1,5 +1,6 @@
 """Offloaded statistics: bit-identical round trips, clear errors, nothing half-written."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,15 @@ def test_unwritable_directory_named(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StatsStoreError, match=str(blocker / "sub")):
         StatsStore("disk", blocker / "sub")
-    if os.geteuid() != 0:  # root ignores permission bits
+    # refusals that hold for root too (CI runs as root, which ignores permission bits):
+    # the directory is a regular file; an existing directory no process may create files in (procfs)
+    with pytest.raises(StatsStoreError, match=rf"{blocker} is not writable: File exists"):
+        StatsStore("disk", blocker)
+    assert Path("/proc/self/fdinfo").is_dir(), "the test needs Linux procfs"
+    with pytest.raises(StatsStoreError, match=r"/proc/self/fdinfo is not writable"):
+        StatsStore("disk", Path("/proc/self/fdinfo"))
+    assert blocker.read_text() == "x"
+    if os.geteuid() != 0:  # permission bits: only for non-root users (root ignores them)
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
