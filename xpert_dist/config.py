@@ -117,6 +117,14 @@ class PruneConfig:
     offload: str = "cpu"  # none | cpu | disk: where statistics partials and smoothed scores wait
     offload_dir: str | None = None  # for disk (default: <output_dir>/offload)
     offload_budget_bytes: int | None = None
+    # when the mask becomes final (then the LoRA delta trains masked, W⊙M + s·(BA)⊙M, and the final
+    # step only verifies sparsity): last_inloop (the last in-loop prune step; before_training: that
+    # step), fraction:<f> (a prune step at round(f·total steps), in-loop steps only before it), or
+    # end (the released recipe: dense adapter, the step after training merges and re-masks)
+    mask_final: str = "last_inloop"
+    pbs_order: str = "adapter"  # adapter: correction in a new adapter | base: authors' order, in the kept base weights
+    reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
+    adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed
 
 
 @dataclass
@@ -285,6 +293,21 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def mask_final_fraction(value: str) -> float | None:
+    """``prune.mask_final`` -> the fraction of training at which the mask becomes final, or None for
+    ``end`` / ``last_inloop`` (decided by the schedule); ConfigError naming the field otherwise."""
+    if value in ("end", "last_inloop"):
+        return None
+    if isinstance(value, str) and value.startswith("fraction:"):
+        try:
+            f = float(value.split(":", 1)[1])
+        except ValueError:
+            f = -1.0
+        if 0.0 <= f < 1.0:
+            return f
+    raise ConfigError(f"prune.mask_final={value!r} is not one of end, last_inloop, fraction:<f> with 0 <= f < 1")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every field once; raise ConfigError naming the first bad one."""
     p, t, d, lo, m, e = cfg.prune, cfg.train, cfg.data, cfg.lora, cfg.model, cfg.eval
@@ -314,6 +337,21 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.ema_dtype", p.ema_dtype, ("float32", "bfloat16"))
     if not 0.0 < p.ema_eta <= 1.0:
         raise ConfigError(f"prune.ema_eta={p.ema_eta} must be in (0, 1]")
+    mask_final_fraction(p.mask_final)  # ConfigError on a bad value
+    _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
+    _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
+    if not isinstance(p.adapter_reset, bool):
+        raise ConfigError(f"prune.adapter_reset={p.adapter_reset!r} must be true or false")
+    inloop = p.schedule in ("epoch", "steps")
+    if p.method == "sparsegpt" and p.pbs != "off" and inloop:
+        raise ConfigError("prune.method=sparsegpt with in-loop prune steps and prune.pbs compensates twice "
+                          "(PBS targets what SparseGPT's update already reconstructed): set prune.pbs=off")
+    if p.reconstruct != "off" and (p.method == "sparsegpt" or p.pbs != "off"):
+        raise ConfigError(f"prune.reconstruct={p.reconstruct} compensates the pruned weights a second time with "
+                          f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them")
+    if p.adapter_reset and p.pbs != "off" and p.pbs_order == "adapter":
+        raise ConfigError("prune.adapter_reset=true re-initialises A, which would void PBS's update of B "
+                          "(computed for the old A): use prune.pbs_order=base or prune.pbs=off")
     if p.schedule == "steps" and p.prune_every <= 0:
         raise ConfigError("prune.schedule=steps needs prune.prune_every > 0")
     if p.allocation == "owl" and p.pattern != "unstructured":

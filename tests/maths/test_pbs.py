@@ -180,3 +180,54 @@ def test_errors():
         pbs_full(U, A, keep, H, SCALE, lam=-1.0)
     with pytest.raises(StatisticsError, match="dB"):
         pbs_objective(U, A, keep, H, SCALE, torch.zeros(OUT, R + 1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- authors' order: correction in the base
+from xpert_dist.maths.pbs import pbs_into_base  # noqa: E402
+
+
+def test_full_into_base_is_the_float64_lstsq_over_kept_coordinates():
+    """pbs_order=base, pbs=full: the new base row minimises the layer output error ||X (w − u)ᵀ||² over
+    w = u ⊙ m + (s·Δb·A) ⊙ m; oracle: float64 lstsq per row, the weight rebuilt independently."""
+    U, A, keep, X = _problem(seed=5)
+    H = X.t() @ X
+    dB = pbs_full(U, A, keep, H, SCALE, lam=0.0, support="kept")
+    got = pbs_into_base(U, A, keep, dB, SCALE, "full")
+    for j in range(OUT):
+        m = keep[j].to(torch.float64)
+        design = SCALE * X @ (A * m[None, :]).t()  # [N, r]
+        target = X @ (U[j] * (1 - m))  # the pruned part's output, to be re-created on kept coordinates
+        b = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+        want = U[j] * m + SCALE * (b @ A) * m
+        assert torch.allclose(got[j], want, rtol=1e-8, atol=1e-10)
+    assert bool((got[~keep] == 0).all())
+    err = ((got - U) @ H * (got - U)).sum(1)
+    plain = ((U * keep - U) @ H * (U * keep - U)).sum(1)
+    assert bool((err <= plain + 1e-9).all()) and bool((err < plain).any())
+
+
+def test_diagonal_into_base_is_the_released_code():
+    """pbs_order=base, pbs=diagonal: B += Δb with the authors' Δbᵀ = −G⁻¹·s·A_S D_S u_Sᵀ
+    (paper.md §3.3, scale made explicit), merge, then mask."""
+    U, A, keep, X = _problem(seed=6)
+    d = X.square().sum(0)
+    lam = 1e-3
+    dB = pbs_diagonal(U, A, keep, d, SCALE, kappa=1.0, lam=lam)
+    got = pbs_into_base(U, A, keep, dB, SCALE, "diagonal")
+    G = SCALE ** 2 * (A * d) @ A.t() + _lam_eff(lam, A, d) * torch.eye(R, dtype=torch.float64)
+    for j in range(OUT):
+        S = (~keep[j]).to(torch.float64)
+        rhs = SCALE * (A * (S * d)) @ U[j]
+        db_authors = -torch.linalg.solve(G, rhs)
+        want = (U[j] + SCALE * db_authors @ A) * keep[j]
+        assert torch.allclose(got[j], want, rtol=1e-8, atol=1e-10)
+    # what the authors' objective measures: the pruned coordinates are smaller before masking
+    before = ((U * ~keep).square() * d).sum()
+    after = (((U + SCALE * (-dB) @ A) * ~keep).square() * d).sum()
+    assert float(after) < float(before)
+
+
+def test_into_base_rejects_unknown_form():
+    U, A, keep, X = _problem(seed=7)
+    with pytest.raises(ConfigError, match="form"):
+        pbs_into_base(U, A, keep, torch.zeros(OUT, R, dtype=torch.float64), SCALE, "dense")

@@ -26,6 +26,14 @@ Solvers (all return ``ΔB[out, r]``):
   shared Gram ``s²·A H Aᵀ``, followed (by default) by an exact line search per row along that
   direction, which guarantees the kept-support objective never exceeds the no-update one.
 
+Where the correction lands (``prune.pbs_order``): ``adapter`` (above) writes ``ΔB`` into a new adapter;
+``base`` is the authors' order (B += Δb, merge, then mask), :func:`pbs_into_base`: the correction is
+merged into the base and masked, so it survives in the kept base weights and B restarts at 0. For the
+diagonal form that is the released code's ``(U − s·ΔB·A) ⊙ M`` (their ``Δb = −ΔB``: "make the pruned
+coordinates small before masking", note 3 of paper.md §3.3); for ``full``/``shared`` the kept-support
+solution ``U ⊙ M + (s·ΔB·A) ⊙ M``, i.e. the exact minimiser of the layer output error
+``||X (W_new − U)ᵀ||²`` over base updates of the form ``(s·Δb_j·A) ⊙ m_j``.
+
 The ridge ``λ`` is RELATIVE: ``λ_eff = lam · mean(diag(s²·A D Aᵀ))`` with ``D = diag(d)`` or
 ``diag(diag H)`` (``= lam`` if that mean is 0), so ``lam`` does not depend on the token count
 or the activation scale. Under a diagonal ``H`` the kept-support optimum is ``ΔB = 0`` (the
@@ -40,7 +48,7 @@ from torch import Tensor
 from xpert_dist.errors import ConfigError, StatisticsError
 from xpert_dist.maths.scores import check_finite
 
-__all__ = ["SUPPORTS", "pbs_diagonal", "pbs_full", "pbs_shared_gram", "pbs_objective"]
+__all__ = ["SUPPORTS", "pbs_diagonal", "pbs_full", "pbs_shared_gram", "pbs_objective", "pbs_into_base"]
 
 SUPPORTS = ("dense", "kept")
 _CHUNK_ELEMS = 1 << 24  # elements of the [chunk, r, in] temporaries
@@ -87,7 +95,7 @@ def _is_symmetric(H: Tensor, rtol: float = 1e-6, block: int = 2048) -> bool:
     at width 28,672 each would be 3.3 GB in fp32)."""
     if not H.numel():
         return True
-    tol = rtol * float(H.abs().amax())
+    tol = rtol * max(abs(float(H.max())), abs(float(H.min())))  # max|H| without an |H| temporary
     n = H.shape[0]
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
@@ -244,3 +252,15 @@ def pbs_objective(
         return (ep.square() * st[None, :]).sum(1) + kappa * (ek.square() * st[None, :]).sum(1) + reg
     E = (R * Km if support == "kept" else R) - U * (1.0 - Km)
     return ((E @ st) * E).sum(1) + reg
+
+
+def pbs_into_base(U: Tensor, A: Tensor, keep: Tensor, dB: Tensor, scale: float, form: str) -> Tensor:
+    """The new base weight of the authors' order (module docstring): ``form="diagonal"`` gives
+    ``(U − s·ΔB·A) ⊙ M`` (the released code's sign), ``"full"``/``"shared"`` give ``(U + s·ΔB·A) ⊙ M``
+    (``ΔB`` from the kept-support solvers)."""
+    if form not in ("diagonal", "full", "shared"):
+        raise ConfigError(f"form must be diagonal, full or shared, got {form!r}")
+    dt = torch.promote_types(U.dtype, torch.float32)
+    sign = -1.0 if form == "diagonal" else 1.0
+    new = U.to(dt) + sign * float(scale) * (dB.to(dt) @ A.to(dt))
+    return new * keep.to(dt)

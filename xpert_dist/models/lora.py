@@ -1,10 +1,29 @@
-"""Wrap a model with peft LoRA on the configured Llama linears."""
+"""Wrap a model with peft LoRA on the configured Llama linears; the mask-preserving (masked) adapter.
+
+Masked adapter (METHOD.md, "Decision (project, 2026-12)"): once a module's mask ``M`` is final, its
+forward becomes ``W x + s·((B A) ⊙ M) x`` (``W`` already zero off ``M``), so merging ``W + s·(BA)⊙M``
+is exactly the trained model and never re-densifies. ``(BA) ⊙ M`` is not low-rank, so each forward
+materialises the masked delta ``[out, in]`` once (``out·in·r`` multiply-adds) and the backward forms
+its gradient ``(s·gᵀ x) ⊙ M`` (``tokens·out·in``, the cost of one dense weight gradient, which plain
+LoRA never computes). The mask is held beside the module as a bit-packed ``uint8`` buffer (1 bit per
+weight, ``numel/8`` bytes, on the module's device, not partitioned by ZeRO-3) and unpacked for each
+forward. Under ZeRO-3 the LoRA ``A``/``B`` are registered as external parameters of the peft layer,
+whose forward now reads them directly.
+"""
 from __future__ import annotations
 
+import types
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraSettings
 from ..errors import ConfigError
+from ..maths.bits import pack_bits, unpack_bits
+
+_BITS = "xd_delta_mask_bits"
+_SHAPE = "xd_delta_mask_shape"
 
 
 def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> nn.Module:
@@ -21,3 +40,73 @@ def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> n
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def delta_mask(module: nn.Module) -> torch.Tensor | None:
+    """The keep mask the module's LoRA delta is trained under (bool ``[out, in]``), or None (dense)."""
+    bits = getattr(module, _BITS, None)
+    if bits is None:
+        return None
+    return unpack_bits(bits, getattr(module, _SHAPE))
+
+
+def _is_zero3(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def mask_delta(module: nn.Module, keep: torch.Tensor) -> None:
+    """From now on train ``module``'s (a peft LoRA Linear) delta masked by ``keep`` (True = keep)."""
+    if not hasattr(module, "lora_A"):
+        raise ConfigError(f"{type(module).__name__} has no LoRA adapter to mask")
+    if getattr(module, "merged", False):
+        raise ConfigError("cannot mask the delta of a merged LoRA layer")
+    base = getattr(module, "base_layer", module)
+    device = base.weight.device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    bits = pack_bits(keep.detach().to(device=device, dtype=torch.bool))
+    if hasattr(module, _BITS):
+        setattr(module, _BITS, bits)
+    else:
+        module.register_buffer(_BITS, bits, persistent=False)
+    setattr(module, _SHAPE, tuple(keep.shape))
+    if "forward" not in module.__dict__:
+        module.forward = types.MethodType(_masked_forward, module)
+    for name in module.lora_A:
+        for p in (module.lora_A[name].weight, module.lora_B[name].weight):
+            if _is_zero3(p):
+                import deepspeed
+
+                deepspeed.zero.register_external_parameter(module, p)
+
+
+def unmask_delta(module: nn.Module) -> None:
+    """Back to the dense LoRA forward (the buffer is dropped)."""
+    if hasattr(module, _BITS):
+        delattr(module, _BITS)
+    module.__dict__.pop(_SHAPE, None)
+    module.__dict__.pop("forward", None)
+
+
+def masked_delta_weight(module: nn.Module, adapter: str, keep: torch.Tensor) -> torch.Tensor:
+    """``s·(B A) ⊙ M`` of one adapter (differentiable; parameters must be materialised)."""
+    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    return (B @ A) * keep.to(device=A.device, dtype=A.dtype) * module.scaling[adapter]
+
+
+def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft LoRA Linear forward with the delta masked: ``base(x) + dropout(x) @ (s·(BA)⊙M)ᵀ``."""
+    if self.merged:
+        raise RuntimeError("a masked LoRA layer must not be merged in place (export merges W + s·(BA)⊙M)")
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters:
+        return result
+    out_dtype = result.dtype
+    keep = delta_mask(self)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        A = self.lora_A[name].weight
+        xin = self._cast_input_dtype(x, A.dtype)
+        result = result + F.linear(self.lora_dropout[name](xin), masked_delta_weight(self, name, keep))
+    return result.to(out_dtype)

@@ -133,12 +133,19 @@ def set_base_weight(module: nn.Module, value: torch.Tensor, write) -> None:
 
 
 def effective_weight(module: nn.Module, dtype=torch.float32) -> torch.Tensor:
-    """U = W + s·B·A as a new tensor (parameters must be materialised, e.g. inside a ZeRO-3 gather)."""
+    """U = W + s·B·A as a new tensor (parameters must be materialised, e.g. inside a ZeRO-3 gather);
+    ``W + s·(B·A)⊙M`` once the module's delta is masked (:func:`xpert_dist.models.lora.mask_delta`)."""
+    from .lora import delta_mask
+
     U = base_weight(module, dtype)
     parts = lora_parts(module)
     if parts is not None:
         A, B, s = parts
-        U += s * (B.detach().to(dtype) @ A.detach().to(dtype))
+        delta = B.detach().to(dtype) @ A.detach().to(dtype)
+        keep = delta_mask(module)
+        if keep is not None:
+            delta = delta * keep.to(device=delta.device, dtype=dtype)
+        U += s * delta
     return U
 
 

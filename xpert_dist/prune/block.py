@@ -12,7 +12,7 @@ import torch
 
 from ..config import PruneConfig
 from ..errors import ConfigError
-from ..maths import consumers, masks, pbs, scores, sparsegpt
+from ..maths import consumers, masks, pbs, reconstruct, scores, sparsegpt
 from ..stats.capture import InputStats
 from ..models.structure import INPUT_GROUPS
 
@@ -22,7 +22,7 @@ NEEDS_FULL = {"sparsegpt"}
 
 def stats_mode(cfg: PruneConfig) -> str | None:
     """'full', 'diag' or None (magnitude needs no calibration)."""
-    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared"):
+    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared") or cfg.reconstruct == "obs":
         return "full"
     if cfg.method in ("wanda", "foresight") or cfg.pbs == "diagonal":
         return "diag"
@@ -44,6 +44,7 @@ class ModuleResult:
     weight: torch.Tensor  # new base weight: U ⊙ keep (or SparseGPT's reconstruction)
     delta_B: torch.Tensor | None = None  # new LoRA B (PBS), None: B reset to zero
     score: torch.Tensor | None = None  # the (unsmoothed) score, for EMA / analysis
+    rewritten: bool = False  # weight is not U ⊙ keep (SparseGPT, reconstruction, PBS into the base)
 
 
 def block_scores(cfg: PruneConfig, inputs: dict[str, ModuleInput], stats: dict[str, InputStats] | None,
@@ -84,7 +85,8 @@ def choose_mask(cfg: PruneConfig, score: torch.Tensor, sparsity: float) -> torch
     return masks.select_mask(score, sparsity, group=cfg.group)
 
 
-def adapter_update(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats) -> torch.Tensor | None:
+def adapter_update(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats,
+                   support: str | None = None) -> torch.Tensor | None:
     """PBS update of B (or None when PBS is off or the module has no adapter)."""
     if cfg.pbs == "off" or inp.A is None:
         return None
@@ -94,15 +96,33 @@ def adapter_update(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: I
                                 kappa=cfg.pbs_kappa, lam=cfg.pbs_lambda)
     if cfg.pbs == "full":
         return pbs.pbs_full(inp.U, A, keep, st.hessian.float(), inp.scale, lam=cfg.pbs_lambda,
-                            support=cfg.pbs_support)
+                            support=support or cfg.pbs_support)
     return pbs.pbs_shared_gram(inp.U, A, keep, st.hessian.float(), inp.scale, lam=cfg.pbs_lambda)
+
+
+def compensate(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats, masked_after: bool = False
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(new base weight or None for ``U ⊙ keep``, new B or None for 0): what compensates the pruned
+    weights, chosen by ``prune.reconstruct`` and ``prune.pbs``/``prune.pbs_order`` (config validation
+    refuses combining two of them). ``masked_after``: the mask is final and the adapter will train
+    masked, so an adapter-order ``pbs=full`` update is solved for the kept support it will act on."""
+    if cfg.reconstruct == "obs":
+        return reconstruct.obs_reconstruct(inp.U, st.hessian.float(), keep, blocksize=cfg.sparsegpt_blocksize,
+                                           percdamp=cfg.sparsegpt_percdamp,
+                                           dtype=getattr(torch, cfg.solver_dtype)), None
+    if cfg.pbs_order == "adapter" or cfg.pbs == "off" or inp.A is None:
+        return None, adapter_update(cfg, inp, keep, st, support="kept" if masked_after else None)
+    dB = adapter_update(cfg, inp, keep, st, support="kept")  # authors' order: the correction lands in the base
+    return pbs.pbs_into_base(inp.U, inp.A.float(), keep, dB, inp.scale, cfg.pbs), None
 
 
 def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Tensor | None,
                  st: InputStats | None, sparsity: float, use_pbs: bool,
-                 fixed_keep: torch.Tensor | None = None) -> ModuleResult:
-    """Mask one module (from ``score``, SparseGPT, or a given ``fixed_keep``) and compute its update."""
+                 fixed_keep: torch.Tensor | None = None, masked_after: bool = False) -> ModuleResult:
+    """Mask one module (from ``score``, SparseGPT, or a given ``fixed_keep``) and compute its update
+    (``use_pbs``: the compensation of :func:`compensate`, at in-loop prune steps)."""
     U = inp.U
+    rewritten = False
     if fixed_keep is not None:
         keep, weight = fixed_keep, U * fixed_keep
     elif cfg.method == "sparsegpt":
@@ -113,8 +133,13 @@ def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Ten
                                                  blocksize=cfg.sparsegpt_blocksize,
                                                  percdamp=cfg.sparsegpt_percdamp,
                                                  dtype=getattr(torch, cfg.solver_dtype))
+        rewritten = True
     else:
         keep = choose_mask(cfg, score, sparsity)
         weight = U * keep
-    delta = adapter_update(cfg, inp, keep, st) if use_pbs and st is not None else None
-    return ModuleResult(keep=keep, weight=weight, delta_B=delta, score=score)
+    delta = None
+    if use_pbs and st is not None:
+        new_weight, delta = compensate(cfg, inp, keep, st, masked_after)
+        if new_weight is not None:
+            weight, rewritten = new_weight.to(U.dtype), True
+    return ModuleResult(keep=keep, weight=weight, delta_B=delta, score=score, rewritten=rewritten)

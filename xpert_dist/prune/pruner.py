@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from ..config import PruneConfig
 from ..distributed.context import DistContext
-from ..errors import ConfigError
+from ..errors import ConfigError, XpertError
 from ..maths import masks as mask_ops, scores as score_ops
-from ..models import structure as st
+from ..models import lora, structure as st
 from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
 from ..stats.store import StatsStore
@@ -55,6 +55,10 @@ class StepReport:
     sparsity: dict[str, float] = field(default_factory=dict)
     mask_sha256: dict[str, str] = field(default_factory=dict)
     moved: dict[str, float] = field(default_factory=dict)  # share of the kept set that changed vs previous step
+
+
+class SparsityError(XpertError, RuntimeError):
+    """A module's effective weight is not zero off its final mask, or its pruned count is off."""
 
 
 class Pruner:
@@ -120,20 +124,24 @@ class Pruner:
         return [float(x) for x in alloc]
 
     def step(self, model: nn.Module, calib_ids: torch.Tensor | None, sparsity: float, *, final: bool = False,
-             fixed_masks: dict[str, torch.Tensor] | None = None, use_pbs: bool | None = None) -> StepReport:
+             fixed_masks: dict[str, torch.Tensor] | None = None, use_pbs: bool | None = None,
+             freeze: bool = False) -> StepReport:
         """Prune every block of ``model`` to ``sparsity``; returns what was done.
 
-        ``final``: no EMA smoothing and no PBS (METHOD.md, step 3). ``fixed_masks``: re-apply these
-        masks instead of choosing new ones (Wanda-then-LoRA's final merge).
+        ``final``: no EMA smoothing and no compensation (METHOD.md, step 3). ``fixed_masks``: re-apply
+        these masks instead of choosing new ones (Wanda-then-LoRA's final merge). ``freeze``: this step
+        chooses the final mask (un-smoothed, compensated as configured); afterwards every pruned
+        module's LoRA delta trains masked (:meth:`freeze`).
         """
         t0 = time.perf_counter()
         cfg = self.cfg
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity {sparsity} must be in [0, 1)")
-        use_pbs = (cfg.pbs != "off" and not final) if use_pbs is None else use_pbs
+        compensates = cfg.pbs != "off" or cfg.reconstruct != "off"
+        use_pbs = (compensates and not final) if use_pbs is None else use_pbs
         mode = None if fixed_masks is not None else stats_mode(cfg)
         if use_pbs and mode is None:
-            mode = "full" if cfg.pbs in ("full", "shared") else "diag"
+            mode = "full" if cfg.pbs in ("full", "shared") or cfg.reconstruct != "off" else "diag"
         if mode is not None and calib_ids is None:
             raise ConfigError(f"prune.method={cfg.method} needs calibration data")
         per_layer = self.layer_sparsities(model, calib_ids, sparsity) if fixed_masks is None else None
@@ -144,7 +152,8 @@ class Pruner:
             if stats is not None:
                 stats = self.ctx.reduce_stats(stats)
             s_i = per_layer[i] if per_layer is not None else sparsity
-            self.prune_block(model, i, block, stats, s_i, final=final, use_pbs=use_pbs, fixed_masks=fixed_masks)
+            self.prune_block(model, i, block, stats, s_i, final=final or freeze, use_pbs=use_pbs,
+                             fixed_masks=fixed_masks)
 
         if mode is None:
             for i, block in enumerate(tqdm(st.blocks(model), desc="prune", disable=not self.progress, leave=False)):
@@ -163,10 +172,53 @@ class Pruner:
             if name in previous:
                 prev = previous[name]
                 report.moved[name] = float((prev & ~keep).sum()) / max(1, int(prev.sum()))
+        if freeze:
+            self.freeze(model)
         report.seconds = time.perf_counter() - t0
         self.reports.append(report)
         log.info("prune step %d%s: target sparsity %.3f, %d matrices, %.1f s", report.step,
                  " (final)" if final else "", sparsity, len(report.sparsity), report.seconds)
+        return report
+
+    # ------------------------------------------------------------------ the final mask
+    def pruned_modules(self, model: nn.Module):
+        """(full name, module) of every pruned module that has a mask."""
+        for i, block in enumerate(st.blocks(model)):
+            for n, m in st.block_linears(block, self.cfg.modules).items():
+                name = f"model.layers.{i}.{'self_attn' if n in st.ATTN else 'mlp'}.{n}"
+                if name in self.masks:
+                    yield name, m
+
+    def freeze(self, model: nn.Module) -> None:
+        """The masks are final: every pruned module's LoRA delta trains masked from now on."""
+        for name, m in self.pruned_modules(model):
+            if st.lora_parts(m) is not None:
+                lora.mask_delta(m, self.masks[name])
+
+    def verify(self, model: nn.Module, sparsity: float) -> StepReport:
+        """The step after training when the mask was final before: no new mask, no merge; checks that
+        every pruned module's effective weight ``W + s·(BA)⊙M`` is exactly zero off its mask and that
+        the mask prunes exactly ``round(sparsity·numel)`` entries (uniform unstructured)."""
+        t0 = time.perf_counter()
+        report = StepReport(step=len(self.reports), final=True, target_sparsity=sparsity, seconds=0.0)
+        exact = self.cfg.pattern == "unstructured" and self.cfg.allocation == "uniform"
+        for name, m in self.pruned_modules(model):
+            keep = self.masks[name]
+            with self.ctx.gather(list(m.parameters())):
+                U = st.effective_weight(m)
+            leaked = int((U[~keep.to(U.device)] != 0).sum())
+            if leaked:
+                raise SparsityError(f"{name}: {leaked} pruned entries are non-zero in the trained model")
+            if exact and int((~keep).sum()) != mask_ops.prune_count(sparsity, keep.numel()):
+                raise SparsityError(f"{name}: {int((~keep).sum())} pruned entries, expected "
+                                    f"{mask_ops.prune_count(sparsity, keep.numel())}")
+            report.sparsity[name] = mask_ops.sparsity_of(keep)
+            report.mask_sha256[name] = mask_sha256(keep)
+            report.moved[name] = 0.0
+        report.seconds = time.perf_counter() - t0
+        self.reports.append(report)
+        log.info("final step %d: masks verified (no re-prune), %d matrices, %.1f s", report.step,
+                 len(report.sparsity), report.seconds)
         return report
 
     # ------------------------------------------------------------------ one block
@@ -202,9 +254,9 @@ class Pruner:
                 fixed = fixed_masks[fname] if fixed_masks is not None else None
                 group = st.INPUT_GROUPS[name]
                 res = prune_module(cfg, name, inputs[name], score, stats.get(group) if stats else None,
-                                   sparsity, use_pbs, fixed_keep=fixed)
+                                   sparsity, use_pbs, fixed_keep=fixed, masked_after=final and use_pbs)
                 out = {"keep": res.keep}
-                if cfg.method == "sparsegpt" and fixed is None:
+                if res.rewritten:
                     out["weight"] = res.weight
                 if res.delta_B is not None:
                     out["delta_B"] = res.delta_B

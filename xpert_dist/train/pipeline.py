@@ -23,6 +23,7 @@ from ..distributed.zero import partitioned_loading
 from ..launch import signals
 from ..models import loading, structure as st
 from ..models.lora import wrap_lora
+from ..prune.adapter import reset_adapters
 from ..prune.pruner import Pruner
 from ..utils.atomic import atomic_write_json
 from . import checkpoint, export, manifest
@@ -123,6 +124,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     state = checkpoint.resume(out, model, engine, pruner, ctx, cfg)
     step = state.get("step", 0)
+    if plan.frozen_before(step):  # the final mask was chosen before training (or before the resume point)
+        pruner.freeze(model)
     history: list[list[float]] = state.get("loss_history", [])
     prune_at = dict(zip(plan.steps, plan.sparsities))
     t_train, cpu_train = time.perf_counter(), time.process_time()
@@ -131,7 +134,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
             c0 = time.process_time()
-            prune_seconds += pruner.step(model, data.calib_ids, prune_at[step]).seconds
+            prune_seconds += pruner.step(model, data.calib_ids, prune_at[step],
+                                         freeze=step == plan.mask_final_at).seconds
+            if cfg.prune.adapter_reset:  # A re-initialised, B = 0, their optimizer moments zeroed
+                reset_adapters(model, engine, ctx, seed=cfg.train.seed * 1_000_003 + step)
             prune_cpu += time.process_time() - c0
         epoch, in_epoch = divmod(step, spe)
         order = epoch_order(len(data), epoch, cfg.train.seed)
@@ -150,8 +156,13 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     train_cpu = time.process_time() - cpu_train - (prune_cpu - before_cpu)
     marks["train"] = peak_rss_mb()
 
-    # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging
-    if cfg.prune.method != "none":
+    # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging;
+    # a mask that was final before only has its exact sparsity verified (the adapter trained masked)
+    if cfg.prune.method != "none" and plan.mask_final_at is not None:
+        c0 = time.process_time()
+        prune_seconds += pruner.verify(model, cfg.prune.sparsity).seconds
+        prune_cpu += time.process_time() - c0
+    elif cfg.prune.method != "none":
         fixed = pruner.masks.copy() if plan.before_training else None
         c0 = time.process_time()
         rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)

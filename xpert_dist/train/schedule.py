@@ -3,17 +3,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PruneConfig
+from ..config import PruneConfig, mask_final_fraction
 
 
 @dataclass(frozen=True)
 class PrunePlan:
     """Optimizer-step indices *before* which an in-loop prune step runs, their sparsities, and
-    whether a prune step runs before training starts (Wanda-then-LoRA)."""
+    whether a prune step runs before training starts (Wanda-then-LoRA), and ``mask_final_at``: the
+    step index before which the final mask is chosen (0 with ``before_training``); from then on the
+    LoRA delta trains masked and the step after training only verifies sparsity. None: the step after
+    training chooses the final mask (``prune.mask_final=end``, or no prune step in the loop)."""
 
     steps: tuple[int, ...]
     sparsities: tuple[float, ...]
     before_training: bool
+    mask_final_at: int | None = None
+
+    def frozen_before(self, step: int) -> bool:
+        """Whether the final mask was already chosen before optimizer step ``step`` starts (the prune
+        step at ``mask_final_at`` itself runs in the loop, so a run resumed there has not done it)."""
+        return self.mask_final_at is not None and (self.mask_final_at == 0 or step > self.mask_final_at)
 
 
 def ramp(target: float, k: int, n: int, kind: str) -> float:
@@ -27,7 +36,8 @@ def ramp(target: float, k: int, n: int, kind: str) -> float:
 def plan_prune_steps(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> PrunePlan:
     """Prune steps at the start of every epoch after the first (``epoch``), every ``prune_every``
     optimizer steps (``steps``), or none in the loop (``final_only``, ``before_training``).
-    The final prune step after training is always run by the pipeline (unless method is none)."""
+    After training the pipeline runs the final prune step (unless method is none), or, when the final
+    mask was chosen in the loop (``mask_final_at``), only verifies its sparsity."""
     if cfg.method == "none":
         return PrunePlan((), (), False)
     if cfg.schedule == "epoch":
@@ -36,6 +46,18 @@ def plan_prune_steps(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -
         steps = tuple(range(cfg.prune_every, total_steps, cfg.prune_every))
     else:
         steps = ()
-    n = len(steps) + 1  # the final step reaches the target
+    before = cfg.schedule == "before_training"
+    frac = mask_final_fraction(cfg.mask_final)
+    final_at = None
+    if cfg.mask_final != "end":
+        if before:
+            final_at = 0
+        elif frac is not None and cfg.schedule in ("epoch", "steps"):
+            final_at = max(1, min(total_steps - 1, round(frac * total_steps))) if total_steps > 1 else None
+            if final_at is not None:
+                steps = tuple(s for s in steps if s < final_at) + (final_at,)
+        elif steps:
+            final_at = steps[-1]
+    n = len(steps) + (0 if final_at is not None else 1)  # the step choosing the final mask reaches the target
     sparsities = tuple(ramp(cfg.sparsity, k + 1, n, cfg.ramp) for k in range(len(steps)))
-    return PrunePlan(steps, sparsities, cfg.schedule == "before_training")
+    return PrunePlan(steps, sparsities, before, final_at)

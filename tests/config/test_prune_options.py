@@ -1,0 +1,42 @@
+"""Validation of the issue-10 prune options: bad values and double compensation are refused."""
+import pytest
+
+from xpert_dist.config import config_from_dict, mask_final_fraction
+from xpert_dist.errors import ConfigError
+
+
+def cfg(**prune):
+    return config_from_dict({"prune": prune})
+
+
+@pytest.mark.parametrize("prune, match", [
+    ({"mask_final": "sometimes"}, "prune.mask_final"),
+    ({"mask_final": "fraction:1.5"}, "prune.mask_final"),
+    ({"mask_final": "fraction:x"}, "prune.mask_final"),
+    ({"pbs_order": "sideways"}, "prune.pbs_order"),
+    ({"reconstruct": "sparsegpt"}, "prune.reconstruct"),
+    ({"adapter_reset": "yes"}, "prune.adapter_reset"),
+    ({"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "diagonal"}, "compensates twice"),
+    ({"method": "sparsegpt", "schedule": "epoch", "pbs": "full"}, "compensates twice"),
+    ({"method": "sparsegpt", "reconstruct": "obs", "pbs": "off"}, "second time"),
+    ({"method": "foresight", "reconstruct": "obs", "pbs": "diagonal"}, "second time"),
+    ({"adapter_reset": True, "pbs": "diagonal", "pbs_order": "adapter"}, "adapter_reset"),
+])
+def test_refused(prune, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(**prune)
+
+
+@pytest.mark.parametrize("prune", [
+    {"method": "sparsegpt", "schedule": "final_only", "pbs": "diagonal"},  # post-hoc: no in-loop PBS runs
+    {"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "off"},
+    {"method": "foresight", "reconstruct": "obs", "pbs": "off", "adapter_reset": True},
+    {"pbs": "full", "pbs_order": "base", "adapter_reset": True, "mask_final": "fraction:0.25"},
+])
+def test_accepted(prune):
+    cfg(**prune)
+
+
+def test_mask_final_fraction():
+    assert mask_final_fraction("end") is None and mask_final_fraction("last_inloop") is None
+    assert mask_final_fraction("fraction:0.3") == pytest.approx(0.3)
