@@ -3,6 +3,8 @@
 # (.ci/slurm-up.sh): 2 ranks on one node, gloo, a tiny config. Used by tests/launch.
 #
 #   sbatch slurm/cpu_tiny.sh path/to/tiny.json [key=value overrides...]
+#   sbatch -p multi --nodes=2 --ntasks-per-node=1 slurm/cpu_tiny.sh tiny.json   # two nodes (xn1, xn2)
+#   DS_CONFIG=ds_configs/zero3.json sbatch ...                                  # ZeRO-3 (plain torch by default)
 #   DRY_RUN=1 bash slurm/cpu_tiny.sh path/to/tiny.json
 #
 # ---- edit for your cluster (literal values only)

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,28 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN_DATA = "/work/shared/data/health/medquad_train.jsonl"
 
 
-def _sinfo_ok() -> bool:
+USABLE = ("idle", "mixed", "allocated", "completing")
+MULTI_PARTITION, MULTI_NODES = "multi", ("xn1", "xn2")   # .ci/slurm-up.sh
+
+
+def _sinfo_ok(partition: str | None = None, nodes: int = 1) -> bool:
+    """At least ``nodes`` usable nodes answer (in ``partition`` if given)."""
     if not shutil.which("sinfo"):
         return False
+    cmd = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
     except (subprocess.SubprocessError, OSError):
         return False
-    states = out.stdout.split()
-    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
-                                       for s in states)
+    usable = {line.split()[0] for line in out.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1] in USABLE}
+    return out.returncode == 0 and len(usable) >= nodes
+
+
+def slurm_up() -> subprocess.CompletedProcess:
+    """Run .ci/slurm-up.sh (idempotent: starts what is missing, e.g. a crashed namespace node)."""
+    return subprocess.run(["bash", str(REPO / ".ci" / "slurm-up.sh")], capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +48,27 @@ def slurm_cluster() -> str:
     if not _sinfo_ok():
         if os.geteuid() != 0:
             pytest.skip("no SLURM cluster answers and not root: cannot run .ci/slurm-up.sh")
-        proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm-up.sh")], capture_output=True, text=True,
-                              timeout=600)
+        proc = slurm_up()
         if proc.returncode != 0 or not _sinfo_ok():
             pytest.fail(f".ci/slurm-up.sh failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True)
     if acct.returncode != 0:
         pytest.fail(f"sacct does not work (accounting is required so failed jobs are seen): {acct.stderr}")
     return "debug"
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(slurm_cluster) -> str:
+    """The two namespace nodes xn1, xn2 (partition multi) of .ci/slurm-up.sh, usable."""
+    if not _sinfo_ok(MULTI_PARTITION, len(MULTI_NODES)):
+        if os.geteuid() != 0:
+            pytest.skip("partition multi (two namespace nodes) is not up and not root: "
+                        "cannot run .ci/slurm-up.sh")
+        proc = slurm_up()  # adds/restarts the namespace nodes (an older one-node cluster is upgraded)
+        if proc.returncode != 0 or not _sinfo_ok(MULTI_PARTITION, len(MULTI_NODES)):
+            pytest.fail(f"partition {MULTI_PARTITION} with nodes {MULTI_NODES} not usable after "
+                        f".ci/slurm-up.sh (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return MULTI_PARTITION
 
 
 @pytest.fixture()
@@ -76,22 +100,12 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def wait_job(job_id: str, timeout: float) -> str:
     """Wait until SLURM no longer lists ``job_id``; return its final state from sacct."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        if not out.strip():
-            break
-        time.sleep(1)
-    else:
-        subprocess.run(["scancel", job_id])
-        raise AssertionError(f"job {job_id} still queued/running after {timeout} s")
-    for _ in range(20):  # sacct records land a moment after the end
-        st = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True,
-                            text=True).stdout.split()
-        if st and st[0] not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"):
-            return st[0]
-        time.sleep(0.5)
-    return st[0] if st else "UNKNOWN"
+    from xpert_dist.launch import sbatch
+
+    try:
+        return sbatch.wait(job_id, timeout)
+    except TimeoutError as e:
+        raise AssertionError(str(e)) from None
 
 
 def python_env() -> dict:

@@ -115,3 +115,42 @@ def test_tasks_per_node_and_port():
         E.DistEnv(rank=2, world_size=2)
     with pytest.raises(ValueError, match="SLURM_PROCID"):
         E.detect({"SLURM_PROCID": "x", "SLURM_STEP_ID": "0"})
+
+
+def _ipv4_addresses() -> dict[str, str]:
+    """Interface -> IPv4 address, as `ip -o -4 addr` lists them (the oracle for interface_towards)."""
+    import subprocess
+
+    if not shutil.which("ip"):
+        pytest.fail("iproute2 (ip) is needed to check the interface choice")
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        found.setdefault(parts[1].split("@")[0], parts[3].split("/")[0])
+    return found
+
+
+def test_interface_towards_an_address_is_the_interface_carrying_it():
+    addrs = _ipv4_addresses()
+    assert addrs.get("lo") == "127.0.0.1"
+    for ifname, ip in addrs.items():
+        assert E.interface_towards(ip) == ifname, (ifname, ip)
+    assert E.interface_towards("no-such-host.invalid") is None
+
+
+def test_gloo_interface_only_for_a_multi_host_rendezvous(monkeypatch):
+    addrs = {k: v for k, v in _ipv4_addresses().items() if k != "lo"}
+    if not addrs:
+        pytest.fail("this machine has no non-loopback IPv4 interface to check against")
+    ifname, ip = sorted(addrs.items())[0]
+    multi = E.DistEnv(rank=1, world_size=2, master_addr=ip, master_port=15001, source="slurm")
+    assert E.choose_gloo_interface(multi, {}) == ifname
+    assert E.choose_gloo_interface(multi, {"GLOO_SOCKET_IFNAME": "eth7"}) is None   # the user's choice wins
+    local = E.DistEnv(rank=1, world_size=2, master_addr="127.0.0.1", master_port=15001, source="slurm")
+    assert E.choose_gloo_interface(local, {}) is None                               # one host: gloo's default
+    assert E.choose_gloo_interface(E.DistEnv(master_addr=ip), {}) is None           # one process
+    target = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "1",
+              "SLURM_JOB_ID": "1", "MASTER_ADDR": ip, "MASTER_PORT": "15001"}
+    E.init_from_environment(target, install_signal_handlers=False)
+    assert target["GLOO_SOCKET_IFNAME"] == ifname

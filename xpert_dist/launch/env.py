@@ -23,14 +23,25 @@ Rendezvous for SLURM/submitit: ``MASTER_ADDR`` = first host of the job's node li
 MASTER_ADDR, MASTER_PORT (what ``torch.distributed`` ``env://`` and
 ``deepspeed.init_distributed`` read) and installs the stop-signal handlers
 (`xpert_dist.launch.signals`).
+
+Network interface for gloo: gloo binds each rank to the address its own hostname resolves to,
+which on many machines (Debian's ``127.0.1.1 host``, containers, network namespaces) is a
+loopback address that peers on other hosts cannot reach. When the rendezvous address is not a
+loopback address and ``GLOO_SOCKET_IFNAME`` is not set, `init_from_environment` sets it to the
+interface the kernel routes ``MASTER_ADDR`` through (`interface_towards`), so every rank binds
+where the master, and so the other nodes, can reach it. Single-host runs (loopback master) are
+left as they are; an exported ``GLOO_SOCKET_IFNAME`` always wins.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -293,13 +304,75 @@ def detect(environ: Mapping[str, str] | None = None,
                    master_addr=env.get("MASTER_ADDR") or "127.0.0.1")
 
 
+# ----------------------------------------------------------------------------- network interface
+
+def _interface_with_address(ip: str) -> str | None:
+    """The local interface carrying IPv4 address ``ip`` (Linux SIOCGIFADDR), or None."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+        import struct  # noqa: PLC0415
+
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
+
+
+def interface_towards(addr: str) -> str | None:
+    """Name of the local interface the kernel would send packets for ``addr`` from (IPv4), or None.
+
+    A UDP ``connect`` picks the route without sending anything; the socket's own address then
+    names the interface. Reaching one's own address (the master rank on its node) gives the
+    interface that carries it, not ``lo``.
+    """
+    try:
+        target = socket.getaddrinfo(addr, 9, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            local = s.getsockname()[0]
+    except (OSError, IndexError):
+        return None
+    return _interface_with_address(local)
+
+
+def is_loopback(addr: str) -> bool:
+    """True when ``addr`` (a name or an IPv4 address) resolves to a loopback address."""
+    try:
+        ip = socket.getaddrinfo(addr, None, socket.AF_INET)[0][4][0]
+    except (OSError, IndexError):
+        return False
+    return ipaddress.ip_address(ip).is_loopback
+
+
+def choose_gloo_interface(dist_env: DistEnv, environ: Mapping[str, str]) -> str | None:
+    """The GLOO_SOCKET_IFNAME to export for ``dist_env``, or None to leave gloo's default.
+
+    None when one is already exported, for a single process, and when the master is a loopback
+    address (all ranks on this host).
+    """
+    if environ.get("GLOO_SOCKET_IFNAME") or not dist_env.is_distributed:
+        return None
+    if is_loopback(dist_env.master_addr):
+        return None
+    return interface_towards(dist_env.master_addr)
+
+
 def init_from_environment(environ: dict | None = None, install_signal_handlers: bool = True,
                           overwrite: bool = True) -> DistEnv:
     """`detect`, then export the torch.distributed/deepspeed variables into ``environ``
     (``os.environ`` by default) and install the stop-signal handlers.
 
     Exports RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-    NODE_RANK and XPERT_DIST_SOURCE. With ``overwrite=False`` variables already set are kept.
+    NODE_RANK and XPERT_DIST_SOURCE, and GLOO_SOCKET_IFNAME (`choose_gloo_interface`).
+    With ``overwrite=False`` variables already set are kept.
     Does not initialise the process group itself (the pipeline chooses the backend).
     """
     target = os.environ if environ is None else environ
@@ -310,6 +383,13 @@ def init_from_environment(environ: dict | None = None, install_signal_handlers: 
     if dist_env.source in ("slurm", "submitit") and dist_env.is_distributed:
         # one CPU thread pool per rank unless the user chose otherwise
         target.setdefault("OMP_NUM_THREADS", target.get("SLURM_CPUS_PER_TASK") or "1")
+    ifname = choose_gloo_interface(dist_env, target)
+    if ifname:
+        target["GLOO_SOCKET_IFNAME"] = ifname
+        # logging is not configured yet in the launchers: one plain line per rank on stderr
+        print(f"[xpert_dist] rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()} "
+              f"(node {dist_env.node_rank}): rendezvous {dist_env.master_addr}:{dist_env.master_port}, "
+              f"gloo interface {ifname}", file=sys.stderr, flush=True)
     if install_signal_handlers:
         from . import signals  # noqa: PLC0415
 

@@ -11,7 +11,9 @@ exists; ``xpert_dist.launch.jobs`` hands over to submitit's requeue).
 `stop_requested()` is collective when ``torch.distributed`` is initialised with more than
 one rank: every rank must call it at the same point of every step (it all-reduces the flag
 with MAX so all ranks stop at the same step even when the signal reaches them at slightly
-different times). Pass ``sync=False`` for a purely local check.
+different times). Pass ``sync=False`` for a purely local check. When a peer rank is gone (its
+process or node died), that all-reduce fails within the collective timeout
+(``XPERT_DIST_TIMEOUT_S``) with a `DistributedError` naming the poll and this rank.
 
 Environment:
     XPERT_PREEMPT_MARKER      a file to create when a stop signal arrives (the sbatch scripts
@@ -167,8 +169,12 @@ def _all_reduce_max(flag: bool) -> bool:
     device = torch.device("cpu")
     if dist_mod.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
+    from ..distributed.comm import guard, timeout_seconds  # noqa: PLC0415 - only under torch.distributed
+
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist_mod.all_reduce(t, op=dist_mod.ReduceOp.MAX)
+    # a peer that died or whose node is gone: one clear DistributedError (exit 2) within the timeout
+    with guard("stop-signal poll (all_reduce)", dist_mod.get_rank(), timeout_s=timeout_seconds()):
+        dist_mod.all_reduce(t, op=dist_mod.ReduceOp.MAX)
     return bool(t.item())
 
 
