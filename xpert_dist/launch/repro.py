@@ -248,7 +248,7 @@ class ReproReport:
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "thresholds": THRESHOLDS,
                 "runs": [{"label": r.label, "path": str(r.path), "world_size": r.manifest.get("world_size"),
-                          "final_loss": r.final_loss, "mask_sha256_of_hashes": _hash_of_hashes(r.masks),
+                          "final_loss": r.final_loss, "mask_sha256_of_hashes": mask_fingerprint(r.masks),
                           "losses": [[s, v] for s, v in sorted(r.losses.items())], "metrics": r.metrics}
                          for r in self.runs],
                 "comparisons": [c.to_dict() for c in self.comparisons], "loss_spread": self.loss_spread,
@@ -260,7 +260,7 @@ class ReproReport:
         return render_markdown(self)
 
 
-def _hash_of_hashes(masks: dict[str, str]) -> str | None:
+def mask_fingerprint(masks: dict[str, str]) -> str | None:
     """One sha256 over a run's sorted per-matrix mask hashes (a short fingerprint of all its masks)."""
     import hashlib
 
