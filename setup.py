@@ -33,7 +33,8 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "quant": ["bitsandbytes==0.50.2"],
-        "dev": ["pytest==9.2.0", "bitsandbytes==0.50.2"],
+        "track": ["tensorboard==2.21.0"],  # TensorBoard event files of every run (on when installed)
+        "dev": ["pytest==9.2.0", "bitsandbytes==0.50.2", "tensorboard==2.21.0"],
         "eval": ["lm_eval[hf]==0.4.13"],
     },
     entry_points={"console_scripts": ["xpert-dist=xpert_dist.cli:main"]},

@@ -158,6 +158,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end / on SLURM signal
     keep_adapter: bool = False  # export the final adapter unmerged beside the merged model
     gradient_checkpointing: bool = False  # recompute block activations in backward (large models)
+    tensorboard: bool = True  # rank 0 writes TensorBoard events to <output_dir>/tensorboard (if installed)
     reproducible: bool = False  # bit-identical training across world sizes (see the docstring)
     threads: int | None = None  # torch.set_num_threads; None: torch's default (1 when reproducible)
 
@@ -170,6 +171,11 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # pubmedqa | casehold
     max_task_examples: int = 100
     batch_size: int = 8
+    # report.md's references: the unpruned base model evaluated with these settings (once per model and
+    # settings, cached under cache_dir, default ~/.cache/xpert_dist), and a dense-LoRA run's directory
+    base_reference: bool = True
+    reference_run: str | None = None
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -394,6 +400,13 @@ def validate(cfg: RunConfig) -> None:
         _choice("eval.tasks", task, ("pubmedqa", "casehold"))
     _positive("eval.perplexity_windows", e.perplexity_windows, allow_zero=True)
     _positive("eval.perplexity_seq_len", e.perplexity_seq_len)
+    for name in ("base_reference",):
+        if not isinstance(getattr(e, name), bool):
+            raise ConfigError(f"eval.{name}={getattr(e, name)!r} must be true or false")
+    if not isinstance(t.tensorboard, bool):
+        raise ConfigError(f"train.tensorboard={t.tensorboard!r} must be true or false")
+    if e.reference_run is not None and not (Path(e.reference_run) / "results.json").is_file():
+        raise ConfigError(f"eval.reference_run={e.reference_run}: no results.json there (not a finished run)")
     _choice("domain", cfg.domain, ("health", "legal", "general", "custom"))
     if cfg.ds_config is not None and not Path(cfg.ds_config).is_file():
         raise ConfigError(f"ds_config file {cfg.ds_config} does not exist")

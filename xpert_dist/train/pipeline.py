@@ -26,9 +26,9 @@ from ..models.lora import wrap_lora
 from ..prune.adapter import reset_adapters
 from ..prune.pruner import Pruner
 from ..utils.atomic import atomic_write_json
-from . import checkpoint, export, manifest
+from . import checkpoint, export, manifest, tracking
 from .data import batch_split, build_train_data, calibration_batch, epoch_order, micro_batches, steps_per_epoch
-from .engine import Engine, load_ds_config, set_threads
+from .engine import Engine, load_ds_config, lr_at, set_threads
 from .schedule import plan_prune_steps
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     prune_at = dict(zip(plan.steps, plan.sparsities))
     t_train, cpu_train = time.perf_counter(), time.process_time()
     prune_seconds, prune_cpu = before_s, before_cpu
+    tracker = tracking.open_tracker(cfg, rank, logged=len(pruner.reports) if step else 0, prune_seconds=prune_seconds)
     bar = tqdm(total=total, initial=step, desc="train", disable=not (progress and rank == 0))
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
@@ -141,9 +142,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
             prune_cpu += time.process_time() - c0
         epoch, in_epoch = divmod(step, spe)
         order = epoch_order(len(data), epoch, cfg.train.seed)
-        loss = engine.step(micro_batches(data, order, in_epoch, cfg, rank, world))
+        batch = micro_batches(data, order, in_epoch, cfg, rank, world)
+        loss = engine.step(batch)
         step += 1
         history.append([step, loss])
+        tracker.step(step, loss, lr_at(step - 1, cfg, total), batch, world, pruner.reports, prune_seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if rank == 0 and (step % cfg.train.log_every == 0):
@@ -174,6 +177,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     except OSError:
         pass
     marks["final_prune"] = peak_rss_mb()
+    tracker.close(pruner.reports, total)  # the final prune step's figures, at the last step
     timing = {"train_s": train_seconds, "prune_s": prune_seconds, "total_s": time.perf_counter() - t_start,
               # process CPU time (all threads): less sensitive to other load than wall time
               "train_cpu_s": train_cpu, "prune_cpu_s": prune_cpu, "total_cpu_s": time.process_time() - cpu_start}
