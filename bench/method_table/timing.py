@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time and peak memory of EfficientXpert against plain LoRA, measured side by side on a quiet machine.
 
-    python bench/method_table/timing.py [--repeats 2] [--method foresight_pbs_diag] [--domain health]
+    python bench/method_table/timing.py [--repeats 2] [--method xpert_default] [--domain health]
 
 The method table's cells also record time and memory, but they run for hours while other work shares
 the CPU, so their wall and even CPU times drift by 2x between cells. Here the two runs alternate
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as table  # noqa: E402  (the method table: budget, methods, model)
 
-CACHE = table.ROOT / "bench" / "results" / "cache" / "timing"
+CACHE = table.ROOT / "bench" / "results" / "cache" / "timing" / table.budget_tag()  # one folder per budget
 NO_EVAL = ["eval.tasks=[]", "eval.perplexity_windows=0"]
 
 
@@ -77,7 +77,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domain", default="health")
     ap.add_argument("--sparsity", type=float, default=0.4)
-    ap.add_argument("--method", default="foresight_pbs_diag")
+    ap.add_argument("--method", default="xpert_default")  # the shipped EfficientXpert default
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     table.MODEL.extend(table.model_override())
