@@ -126,3 +126,41 @@ def test_helpers():
     assert layers == [0, 1] and modules == ["q_proj", "up_proj"]
     assert grid[0][0] == 0.1 and grid[1][1] == 0.3 and grid[0][1] != grid[0][1]  # NaN where missing
     assert fmt_value("peak_bytes", 512 * 2**20) == "512.0 MiB" and fmt_value("x", 0.123456) == "0.1235"
+
+
+def test_run_report_shows_base_and_dense_lora_references_with_retention(runs):
+    run = runs["tiny_wanda"]
+    res = json.loads((run / "results.json").read_text())
+    res["reference"] = {"base": {"metrics": {"perplexity": 80.0, "pubmedqa_acc": 0.25, "pubmedqa_acc_norm": 0.25,
+                                             "pubmedqa_n": 8}, "cache": "/cache/base_eval/k.json", "cached": True}}
+    (run / "results.json").write_text(json.dumps(res))
+    text = write_run_report(run, reference=runs["tiny_dense"]).read_text()
+    section = text[text.index("## Against the references"):text.index("## Training loss")]
+    assert "| model | perplexity | pubmedqa_acc | pubmedqa_acc_norm |" in section
+    assert "| this run | 50 | 0.375 | 0.5 |" in section
+    assert "| base model (unpruned, not fine-tuned) | 80 | 0.25 | 0.25 |" in section
+    assert "| dense LoRA `tiny_dense` | 40 | 0.5 | 0.4 |" in section
+    # by hand: vs dense ppl 40/50 = 0.8, acc .375/.5 = 0.75, acc_norm .5/.4 = 1.25, domain (0.8 + 0.75) / 2
+    assert "| vs dense LoRA | 0.775 | 0.8 | 0.75 | 1.25 |" in section
+    # vs base ppl 80/50 = 1.6, acc .375/.25 = 1.5, acc_norm .5/.25 = 2, domain (1.6 + 1.5) / 2 = 1.55
+    assert "| vs base model | 1.55 | 1.6 | 1.5 | 2 |" in section
+    assert "read from `/cache/base_eval/k.json`" in section
+    bare = write_run_report(runs["tiny_dense"]).read_text()
+    assert "_No reference: the base model was not evaluated" in bare
+
+
+def test_loss_plot_smoothed_curve_over_raw_with_prune_marks(runs):
+    # debiased EMA by hand, span 3 (alpha 0.5): 1, (0.25)/(0.75) = 1/3, (0.125)/(0.875) = 1/7
+    assert plots.ema([1.0, 0.0, 0.0], 3) == pytest.approx([1.0, 1 / 3, 1 / 7])
+    assert plots.ema_span(12) == 2 and plots.ema_span(300) == 30 and plots.ema_span(10_000) == 50
+    res = load_results(runs["tiny_wanda"])
+    fig = plots.loss_figure({"w": res["loss_history"]}, {"w": res["prune_steps"]})
+    ax = fig.axes[0]
+    xs, ys = [p[0] for p in res["loss_history"]], [p[1] for p in res["loss_history"]]
+    raw, smooth, *marks = ax.lines
+    assert list(raw.get_xdata()) == xs and list(raw.get_ydata()) == ys and raw.get_alpha() < 1
+    assert list(smooth.get_ydata()) == pytest.approx(plots.ema(ys, plots.ema_span(len(ys))))
+    assert smooth.get_color() == raw.get_color() and smooth.get_linewidth() > raw.get_linewidth()
+    assert [list(m.get_xdata()) for m in marks] == [[4.0, 4.0], [8.0, 8.0]]
+    text = write_run_report(runs["tiny_wanda"]).read_text()
+    assert "Smoothed (EMA, span 2 steps, the bold line)" in text

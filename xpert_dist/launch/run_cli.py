@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (ZeRO-2/3)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    ap.add_argument("--reference", metavar="RUN_DIR", help="a finished dense-LoRA run: report.md shows its "
+                    "metrics and this run's retention (= eval.reference_run=RUN_DIR)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
     args = ap.parse_intermixed_args(argv)  # options may follow overrides
     if args.local_rank is not None:
@@ -28,7 +30,8 @@ def main(argv=None) -> int:
     from xpert_dist.errors import XpertError
     from xpert_dist.launch import signals
 
-    overrides = list(args.overrides) + ([f"ds_config={args.ds_config}"] if args.ds_config else [])
+    overrides = list(args.overrides) + ([f"ds_config={args.ds_config}"] if args.ds_config else []) \
+        + ([f"eval.reference_run={args.reference}"] if args.reference else [])
     try:
         cfg = load_config(args.config, overrides)
         from xpert_dist.launch.runner import run_job

@@ -1,7 +1,9 @@
 """Markdown reports from stored results: one page per run, and one page comparing runs.
 
 Nothing is recomputed: every number is read from ``<run_dir>/results.json`` (schema in ``results.py``);
-retention is the ratio of stored metrics (``xpert_dist.eval.retention.retention``). Files are written
+retention is the ratio of stored metrics (``xpert_dist.eval.retention.retention``). A run report
+also shows the references the run recorded (``reference`` in results.json: the base model's metrics
+and a dense-LoRA run's, see ``eval/reference.py``) with retention against each. Files are written
 atomically; images sit beside the markdown and are linked relatively.
 """
 from __future__ import annotations
@@ -43,8 +45,50 @@ def _kv_table(values: dict) -> str:
     return md_table(["key", "value"], [[k, fmt_value(k, v)] for k, v in values.items()])
 
 
-def write_run_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.md`` (+ ``loss.png``, ``sparsity.png`` when there is data); return its path."""
+def _references(res: dict, reference: str | Path | None) -> dict:
+    """``{"base": {...}, "dense_lora": {...}}`` from results.json's ``reference`` (written by the run,
+    see ``eval/reference.py``); ``reference`` (a dense-LoRA run directory) replaces the stored one."""
+    refs = dict(res.get("reference") or {})
+    if reference is not None:
+        ref = load_results(reference)
+        refs["dense_lora"] = {"run": str(reference), "name": ref["name"], "metrics": ref["metrics"],
+                              "method": get_path(ref["config"], "prune.method")}
+    return refs
+
+
+def reference_section(metrics: dict, refs: dict) -> list[str]:
+    """Metrics of the run beside the base model's and the dense-LoRA run's, and retention against them."""
+    rows_src = [("this run", metrics)]
+    base, dense = refs.get("base"), refs.get("dense_lora")
+    if base:
+        rows_src.append(("base model (unpruned, not fine-tuned)", base.get("metrics") or {}))
+    if dense:
+        rows_src.append((f"dense LoRA `{dense.get('name')}`", dense.get("metrics") or {}))
+    if len(rows_src) == 1:
+        return ["_No reference: the base model was not evaluated (eval.base_reference=false) and no "
+                "dense-LoRA run was given (eval.reference_run, or launchers/run.py --reference RUN_DIR)._", ""]
+    keys = list(dict.fromkeys(k for _, m in rows_src for k in m if metric_kind(k)))
+    out = [md_table(["model"] + keys, [[label] + [_fmt_or_dash(k, m.get(k)) for k in keys] for label, m in rows_src]),
+           ""]
+    ret_rows = []
+    for label, ref in (("vs dense LoRA", dense), ("vs base model", base)):
+        if ref:
+            ret_rows.append((label, retention(metrics, ref.get("metrics") or {})))
+    rkeys = list(dict.fromkeys(["domain_retention"] + [k for _, r in ret_rows for k in r]))
+    out += ["Retention (`xpert_dist.eval.retention`): perplexity reference/run, accuracy run/reference; "
+            "`domain_retention` averages perplexity and each task's `acc`.", "",
+            md_table(["retention"] + rkeys, [[label] + [fmt_value(k, r[k]) if k in r else "-" for k in rkeys]
+                                            for label, r in ret_rows]), ""]
+    if base and base.get("cache"):
+        out += [f"Base model metrics {'read from' if base.get('cached') else 'computed once and cached in'} "
+                f"`{base['cache']}`.", ""]
+    return out
+
+
+def write_run_report(run_dir: str | Path, reference: str | Path | None = None) -> Path:
+    """Write ``run_dir/report.md`` (+ ``loss.png``, ``sparsity.png`` when there is data); return its path.
+
+    ``reference``: a dense-LoRA run directory to compare with (default: the one the run recorded)."""
     run_dir = Path(run_dir)
     res = load_results(run_dir)
     cfg = res["config"]
@@ -56,6 +100,7 @@ def write_run_report(run_dir: str | Path) -> Path:
 
     out += ["## Metrics", ""]
     out += [_kv_table(res["metrics"]) if res["metrics"] else "_No metrics recorded._", ""]
+    out += ["## Against the references", ""] + reference_section(res["metrics"], _references(res, reference))
 
     out += ["## Training loss", ""]
     history = res["loss_history"]
@@ -63,9 +108,12 @@ def write_run_report(run_dir: str | Path) -> Path:
                                title=f"Training loss: {res['name']}")
     if loss_png:
         first, last = history[0], history[-1]
+        smooth = plots.ema([v for _, v in history], plots.ema_span(len(history)))
         out += [f"![training loss](loss.png)", "",
                 f"{len(history)} points, loss {first[1]:.4g} at step {first[0]:g} -> {last[1]:.4g} at step "
-                f"{last[0]:g}. Prune steps: {', '.join(f'{s:g}' for s in res['prune_steps']) or 'none'}.", ""]
+                f"{last[0]:g}. Prune steps: {', '.join(f'{s:g}' for s in res['prune_steps']) or 'none'}.",
+                f"Smoothed (EMA, span {plots.ema_span(len(history))} steps, the bold line): "
+                f"{smooth[0]:.4g} -> {smooth[-1]:.4g}; dotted vertical lines: prune steps.", ""]
     else:
         out += ["_No loss history recorded._", ""]
 

@@ -34,9 +34,26 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_loss(curves: dict[str, list], path: str | Path, prune_steps: dict[str, list] | None = None,
-              title: str = "Training loss") -> Path | None:
-    """Loss against optimizer step, one line per run; prune steps as dotted vertical lines in its colour."""
+def ema_span(n_points: int) -> int:
+    """Smoothing span of a loss curve of ``n_points``: a tenth of the curve, between 2 and 50 steps."""
+    return max(2, min(50, n_points // 10))
+
+
+def ema(values: list[float], span: int) -> list[float]:
+    """Debiased exponential moving average, ``alpha = 2 / (span + 1)``: ``m_t = (1-alpha) m_{t-1} + alpha x_t``
+    from ``m_0 = 0``, divided by ``1 - (1-alpha)^t`` (so the first point is ``x_1``, not pulled to 0)."""
+    alpha = 2.0 / (span + 1.0)
+    out, m = [], 0.0
+    for t, x in enumerate(values, start=1):
+        m = (1.0 - alpha) * m + alpha * x
+        out.append(m / (1.0 - (1.0 - alpha) ** t))
+    return out
+
+
+def loss_figure(curves: dict[str, list], prune_steps: dict[str, list] | None = None,
+                title: str = "Training loss") -> Figure | None:
+    """Raw per-step loss (thin, faint) with its EMA (`ema`, span `ema_span`) over it, one colour per run;
+    prune steps as dotted vertical lines in the run's colour."""
     curves = {name: pts for name, pts in curves.items() if pts}
     if not curves:
         return None
@@ -44,9 +61,12 @@ def plot_loss(curves: dict[str, list], path: str | Path, prune_steps: dict[str, 
     ax = fig.add_subplot()
     marked = False
     for name, pts in curves.items():
-        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.2)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        (raw,) = ax.plot(xs, ys, linewidth=0.8, alpha=0.35, label=f"{name} (per step)")
+        span = ema_span(len(ys))
+        ax.plot(xs, ema(ys, span), color=raw.get_color(), linewidth=1.8, label=f"{name} (EMA, span {span})")
         for step in (prune_steps or {}).get(name, []):
-            ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=1.0, alpha=0.8,
+            ax.axvline(step, color=raw.get_color(), linestyle=":", linewidth=1.0, alpha=0.8,
                        label=None if marked else "prune step")
             marked = True
     ax.set_xlabel("optimizer step")
@@ -54,7 +74,14 @@ def plot_loss(curves: dict[str, list], path: str | Path, prune_steps: dict[str, 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return fig
+
+
+def plot_loss(curves: dict[str, list], path: str | Path, prune_steps: dict[str, list] | None = None,
+              title: str = "Training loss") -> Path | None:
+    """`loss_figure` written as a PNG."""
+    fig = loss_figure(curves, prune_steps, title)
+    return None if fig is None else save_png(fig, path)
 
 
 def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str = "Sparsity per layer and module"

@@ -5,7 +5,9 @@ Schema of ``results.json`` (only ``name`` is required; the rest default to empty
 
     {"name": str, "config": {...RunConfig.to_dict()...}, "metrics": {"perplexity": 12.3, ...},
      "loss_history": [[step, loss], ...], "prune_steps": [step, ...],
-     "sparsity": {"model.layers.0.self_attn.q_proj": 0.4, ...}, "timing": {...}, "memory": {...}}
+     "sparsity": {"model.layers.0.self_attn.q_proj": 0.4, ...}, "timing": {...}, "memory": {...},
+     "reference": {"base": {"metrics": {...}, "cache": path, "cached": bool},
+                   "dense_lora": {"run": dir, "name": str, "method": str, "metrics": {...}}}}
 """
 from __future__ import annotations
 

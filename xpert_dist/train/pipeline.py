@@ -216,6 +216,9 @@ def evaluate_and_record(cfg, results, tokenizer, pruner, ctx, data, history, ran
     out = Path(cfg.output_dir)
     if rank == 0:
         results["metrics"] = evaluate_export(cfg, out / "model", tokenizer)
+        from ..eval.reference import references  # base model (cached) and dense-LoRA run, for the report
+
+        results["reference"] = references(cfg, tokenizer)
         results["final_loss"] = history[-1][1] if history else None
         atomic_write_json(out / "results.json", results)
         manifest.write(out, cfg, results, pruner, data.sha256)
