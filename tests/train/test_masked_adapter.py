@@ -106,7 +106,11 @@ def _run(tmp_path, name, **sections):
     {"train": {"gradient_checkpointing": True}},
     {"prune": {"mask_final": "fraction:0.5", "pbs": "off", "schedule": "steps", "prune_every": 2}},
     {"prune": {"method": "wanda", "schedule": "before_training", "pbs": "off"}},  # Wanda -> masked LoRA
-], ids=["last_inloop", "grad_ckpt", "fraction", "wanda_masked_lora"])
+    {"prune": {"method": "sparsegpt", "schedule": "before_training", "pbs": "off"}},  # SparseGPT -> masked LoRA
+    {"prune": {"pbs": "full", "pbs_order": "base", "adapter_reset": True}},
+    {"prune": {"pbs": "off", "reconstruct": "obs"}},
+], ids=["last_inloop", "grad_ckpt", "fraction", "wanda_masked_lora", "sparsegpt_masked_lora", "pbs_base_reset",
+        "reconstruct_obs"])
 def test_exported_model_is_the_trained_model(tmp_path, sections):
     res, out, trained = _run(tmp_path, "run", **sections)
     exported = _exported_logits(out)
