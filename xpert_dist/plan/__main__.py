@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-batch", type=int, default=None, help="calibration batch (default: the micro-batch)")
     ap.add_argument("--stats-offload", default="none", choices=["none", "cpu", "disk"])
     ap.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"],
+                    help="SparseGPT's solver dtype (prune.solver_dtype)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--no-ema", action="store_true", help="no ForeSight EMA state between prune steps")
@@ -62,7 +64,8 @@ def spec_from_args(args) -> PlanSpec:
                     method=args.method, pbs=args.pbs, pbs_support=args.pbs_support, lora_r=args.lora_r,
                     lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
                     calib_samples=args.calib_samples, calib_batch=args.calib_batch,
-                    stats_offload=args.stats_offload, stats_dtype=args.stats_dtype, dtype=args.dtype,
+                    stats_offload=args.stats_offload, stats_dtype=args.stats_dtype,
+                    solver_dtype=args.solver_dtype, dtype=args.dtype,
                     grad_checkpointing=args.grad_checkpointing, accelerator=args.accelerator,
                     ema=not args.no_ema, constants=consts)
 

@@ -169,7 +169,7 @@ def estimate(spec: PlanSpec) -> Plan:
         add("prune", "resident", accel, "gathered block weights", P_block * b, "block params·b")
         if gloo:
             add("prune", "accumulate", "host", "gloo all-gather staging (block)", P_block * b, "block params·b")
-    next_block = spec.method == "foresight"
+    next_block = spec.method == "foresight" and m.layers > 1  # the last block has no consumers to gather
     n_lin = m.block_linear_params()
     nxt = m.block_linear_params(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) if next_block else 0
     if z == 3 and next_block:
@@ -184,6 +184,8 @@ def estimate(spec: PlanSpec) -> Plan:
     shapes = m.linear_shapes()
     largest_mod = max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])
     lo, li = shapes[largest_mod]
+    gmod = max(shapes, key=lambda n: (shapes[n][1], shapes[n][0]))  # widest input: SparseGPT's in² terms
+    go, gi = shapes[gmod]
     if needs_stats:
         dims = m.group_dims()
         group_bytes = {g: (d * d if needs_full else d) * sb for g, d in dims.items()}
@@ -217,8 +219,10 @@ def estimate(spec: PlanSpec) -> Plan:
         add("prune", "solve", accel, "mask selection workspace (largest module)", lo * li * 14,
             f"{largest_mod}: out·in·(4 sorted + 8 indices + 2 bool)")
     else:
-        add("prune", "solve", accel, "SparseGPT workspace (largest module, fp64)", 2 * li * li * 8 + 2 * lo * li * 8,
-            f"{largest_mod}: 2·in²·8 (H, H⁻¹) + 2·out·in·8")
+        sd = DTYPE_BYTES.get(spec.solver_dtype, 8)
+        add("prune", "solve", accel, f"SparseGPT workspace (largest-input module, {spec.solver_dtype})",
+            2 * gi * gi * sd + go * gi * (sd + 2),
+            f"{gmod}: 2·in²·{sd} (two of damped H, its factor, H⁻¹, H⁻¹'s factor) + out·in·({sd} W copy + 2 masks)")
     r = spec.lora_r
     if spec.pbs == "diagonal":
         add("prune", "solve", accel, "PBS diagonal workspace", 2 * lo * li * 4, "2·out·in·4")
@@ -229,7 +233,11 @@ def estimate(spec: PlanSpec) -> Plan:
         chunk = max(1, (1 << 24) // max(1, r * li))
         add("prune", "solve", accel, "PBS full (kept support) workspace",
             lo * li * 4 + 2 * min(chunk, lo) * r * li * 4, "out·in·4 + 2·chunk·r·in·4")
-    add("prune", "solve", accel, "masks + results of the block (bool, broadcast)", n_lin, "block linears·1B")
+    if spec.method == "sparsegpt":  # the owners' reconstructed weights travel with the masks
+        add("prune", "solve", accel, "masks + SparseGPT weights of the block (broadcast)", n_lin * 5,
+            "block linears·(1B mask + 4B fp32 weight)")
+    else:
+        add("prune", "solve", accel, "masks + results of the block (bool, broadcast)", n_lin, "block linears·1B")
     if spec.method == "foresight" and spec.ema:
         ema_where = {"none": accel, "cpu": "host", "disk": "disk"}[spec.stats_offload]
         add("prune", "resident", ema_where, "ForeSight EMA scores (owned modules, all blocks)",

@@ -68,6 +68,7 @@ class PlanSpec:
     calib_batch: int | None = None  # None: the micro-batch (the pipeline calibrates with train.micro_batch_size)
     stats_offload: str = "none"  # none | cpu | disk
     stats_dtype: str = "float32"
+    solver_dtype: str = "float32"  # SparseGPT's (prune.solver_dtype)
     dtype: str = "bfloat16"
     grad_checkpointing: bool = False
     accelerator: str = "gpu"  # gpu | cpu (everything in host memory: the CPU-only case)
@@ -90,6 +91,7 @@ class PlanSpec:
                                      ("--pbs-support", self.pbs_support, ("dense", "kept")),
                                      ("--stats-offload", self.stats_offload, ("none", "cpu", "disk")),
                                      ("--stats-dtype", self.stats_dtype, ("float32", "float64")),
+                                     ("--solver-dtype", self.solver_dtype, ("float32", "float64")),
                                      ("--dtype", self.dtype, tuple(DTYPE_BYTES)),
                                      ("--accelerator", self.accelerator, ("gpu", "cpu"))):
             if value not in allowed:
