@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "bench" / "repro_matrix"))
     ap.add_argument("--timeout-s", type=float, default=900)
+    ap.add_argument("--only", help="comma-separated labels to (re)submit; the others' finished runs are reused "
+                                   "(their job records from <out-dir>/jobs.json)")
     args = ap.parse_args(argv)
     from xpert_dist.launch import repro, sbatch
     from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     fault = root / "fault"
+    if fault.exists():  # pause flags of an earlier invocation would release the preemption at once
+        subprocess.run(["rm", "-rf", str(fault)], check=True)
     fault_env = {**env, "XPERT_FAULT_PAUSE_AT_POLL": str(PAUSE_AT_POLL), "XPERT_FAULT_DIR": str(fault),
                  "XPERT_FAULT_PAUSE_TIMEOUT": "300"}
     R = ["train.reproducible=true"]
@@ -78,9 +82,13 @@ def main(argv=None) -> int:
     plan = [("repro/1", "1", R, env), ("repro/1x2", "1x2", R, env), ("repro/2x1", "2x1", R, env),
             ("repro/1-rerun", "1", R, env), ("repro/2x1-preempted", "2x1", R, fault_env),
             ("default/1", "1", D, env), ("default/1x2", "1x2", D, env), ("default/2x1", "2x1", D, env)]
-    jobs = {}
+    record = root / "jobs.json"
+    only = set(args.only.split(",")) if args.only else None
+    jobs = json.loads(record.read_text()) if only and record.is_file() else {}
     t0 = time.monotonic()
     for label, layout, ov, e in plan:
+        if only is not None and label not in only:
+            continue
         out = root / label
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -91,18 +99,24 @@ def main(argv=None) -> int:
         jobs[label] = {"job": job, "layout": layout, "dir": str(out), "log": str(log), "overrides": ov}
         print(f"{label}: job {job} ({layout})", flush=True)
     pre = jobs["repro/2x1-preempted"]
-    wait_paused(pre["job"], [fault / "paused.rank0", fault / "paused.rank1"], timeout_s=args.timeout_s)
-    subprocess.run(["scancel", "--signal=USR1", pre["job"]], check=True)
-    pre["preempted_at_poll"] = PAUSE_AT_POLL
+    if only is None or pre["job"] and "repro/2x1-preempted" in only:
+        wait_paused(pre["job"], [fault / "paused.rank0", fault / "paused.rank1"], timeout_s=args.timeout_s)
+        subprocess.run(["scancel", "--signal=USR1", pre["job"]], check=True)
+        pre["preempted_at_poll"] = PAUSE_AT_POLL
     for label, j in jobs.items():
+        if only is not None and label not in only:
+            continue
         j["state"] = sbatch.wait(j["job"], timeout_s=args.timeout_s)
         j["restarts"] = sbatch.restarts(j["job"])
         j["nodes"] = sbatch.nodes_of(j["job"])
         print(f"{label}: {j['state']} on {j['nodes']}, restarts {j['restarts']}", flush=True)
     seconds = time.monotonic() - t0
+    record.write_text(json.dumps(jobs, indent=1))
     failed = [k for k, j in jobs.items() if j["state"] != "COMPLETED"]
     if failed:
         raise SystemExit(f"jobs not COMPLETED: {failed}; logs under {root}")
+    if jobs["repro/2x1-preempted"]["restarts"] < 1:
+        raise SystemExit(f"the preempted job {pre['job']} was not requeued (restarts 0); see {pre['log']}")
 
     rmodes = ["repro/1", "repro/1x2", "repro/2x1", "repro/1-rerun", "repro/2x1-preempted"]
     dmodes = ["default/1", "default/1x2", "default/2x1"]
