@@ -125,6 +125,8 @@ class PruneConfig:
     pbs_order: str = "adapter"  # adapter: correction in a new adapter | base: authors' order, in the kept base weights
     reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
     adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed
+    distill: str = "off"  # off | logits: KL to the model as it was before the first prune step (plain torch)
+    distill_weight: float = 1.0  # loss = CE + distill_weight · KL(teacher ‖ student) (global token mean)
 
 
 @dataclass
@@ -355,6 +357,11 @@ def validate(cfg: RunConfig) -> None:
     if p.reconstruct != "off" and (p.method == "sparsegpt" or p.pbs != "off"):
         raise ConfigError(f"prune.reconstruct={p.reconstruct} compensates the pruned weights a second time with "
                           f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them")
+    _choice("prune.distill", p.distill, ("off", "logits"))
+    _positive("prune.distill_weight", p.distill_weight)
+    if p.distill != "off" and (cfg.ds_config is not None or cfg.model.quantization is not None):
+        raise ConfigError("prune.distill is implemented for plain torch with an unquantised base "
+                          "(no ds_config, no model.quantization)")
     if p.adapter_reset and p.pbs != "off" and p.pbs_order == "adapter":
         raise ConfigError("prune.adapter_reset=true re-initialises A, which would void PBS's update of B "
                           "(computed for the old A): use prune.pbs_order=base or prune.pbs=off")

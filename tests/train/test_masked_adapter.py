@@ -109,8 +109,9 @@ def _run(tmp_path, name, **sections):
     {"prune": {"method": "sparsegpt", "schedule": "before_training", "pbs": "off"}},  # SparseGPT -> masked LoRA
     {"prune": {"pbs": "full", "pbs_order": "base", "adapter_reset": True}},
     {"prune": {"pbs": "off", "reconstruct": "obs"}},
+    {"prune": {"distill": "logits", "distill_weight": 0.5}},
 ], ids=["last_inloop", "grad_ckpt", "fraction", "wanda_masked_lora", "sparsegpt_masked_lora", "pbs_base_reset",
-        "reconstruct_obs"])
+        "reconstruct_obs", "distill"])
 def test_exported_model_is_the_trained_model(tmp_path, sections):
     res, out, trained = _run(tmp_path, "run", **sections)
     exported = _exported_logits(out)

@@ -23,6 +23,7 @@ from ..distributed.zero import partitioned_loading
 from ..launch import signals
 from ..models import loading, structure as st
 from ..models.lora import wrap_lora
+from ..prune import distill
 from ..prune.adapter import reset_adapters
 from ..prune.pruner import Pruner
 from ..utils.atomic import atomic_write_json
@@ -115,7 +116,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
                  f", DeepSpeed ZeRO-{_zero_stage(ds)}" if ds else "")
 
     before_s = before_cpu = 0.0
+    distiller = None  # prune.distill: the teacher is the model as it was just before the first prune step
     if plan.before_training:  # Wanda-then-LoRA: prune the base model once, keep that mask
+        distiller = distill.attach(model, cfg.prune)
         c0 = time.process_time()
         before_s = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False).seconds
         before_cpu = time.process_time() - c0
@@ -124,6 +127,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     state = checkpoint.resume(out, model, engine, pruner, ctx, cfg)
     step = state.get("step", 0)
+    distill.check_resume(cfg.prune, plan.steps[0] if plan.steps else None, step)
     if plan.frozen_before(step):  # the final mask was chosen before training (or before the resume point)
         pruner.freeze(model)
     history: list[list[float]] = state.get("loss_history", [])
@@ -135,6 +139,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
             c0 = time.process_time()
+            distiller = distiller or distill.attach(model, cfg.prune)
             prune_seconds += pruner.step(model, data.calib_ids, prune_at[step],
                                          freeze=step == plan.mask_final_at).seconds
             if cfg.prune.adapter_reset:  # A re-initialised, B = 0, their optimizer moments zeroed
@@ -155,6 +160,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         if stop or checkpoint.periodic_due(cfg, step, total):
             checkpoint.save(out, step, model, engine, pruner, ctx, history, stop=stop, cfg=cfg)
     bar.close()
+    if distiller is not None:
+        distiller.remove()  # frees the teacher before the final step and the export
     train_seconds = time.perf_counter() - t_train - (prune_seconds - before_s)
     train_cpu = time.process_time() - cpu_train - (prune_cpu - before_cpu)
     marks["train"] = peak_rss_mb()
