@@ -88,7 +88,17 @@ class DistContext:
     def all_gather_object(self, obj) -> list:
         return [obj]
 
-    def barrier(self) -> None:
+    def phase(self, name: str) -> None:
+        """Post the phase this rank enters (multi-rank contexts name it when a collective fails)."""
+
+    def one_rank(self, phase: str, src: int = 0) -> contextlib.AbstractContextManager:
+        """Work that only rank ``src`` does (see the multi-rank context); here: just run it."""
+        return contextlib.nullcontext()
+
+    def wait_for(self, phase: str, src: int = 0) -> None:
+        pass
+
+    def barrier(self, after: str | None = None) -> None:
         pass
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from ..errors import DistributedError, StatisticsError
 from ..stats import sequential as _sequential
 from ..stats.capture import InputStats, group_key
 from ..stats.tree import Node, TreeSum, maximal_nodes
-from .comm import guard, init_distributed, timeout_seconds
+from .comm import PhaseBoard, guard, init_distributed, set_phase_board, timeout_seconds
 from .context import DistContext
 from .owners import assign_owners
 from .zero import gathered_state, is_zero3_param, set_partition, suspended_zero_hooks
@@ -147,6 +147,8 @@ class TorchDistContext(DistContext):
         self._stat_owners: dict[str, int] = {}
         self._round = 0  # reduce_stats calls so far (same on every rank)
         self.partials_device = partials_device
+        self.board = PhaseBoard(self.rank, self.world_size)
+        set_phase_board(self.board)
         if activate:
             _sequential.activate(self)
 
@@ -163,8 +165,28 @@ class TorchDistContext(DistContext):
             self._dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def barrier(self) -> None:
-        with guard("barrier", self.rank, timeout_s=self.timeout_s):
+    def phase(self, name: str) -> None:
+        """Post the phase this rank enters (named in any later collective failure, on every rank)."""
+        self.board.post(name)
+
+    def one_rank(self, phase: str, src: int = 0) -> contextlib.AbstractContextManager:
+        """On rank ``src``: run the block with a heartbeat. Elsewhere: a no-op; call
+        ``wait_for(phase, src)`` afterwards (one-rank work may take longer than the collective
+        timeout, e.g. evaluation, so the others wait on the heartbeat, not in a barrier)."""
+        # the heartbeat beats well within the timeout the waiting ranks apply to it
+        return (self.board.working(phase, every_s=min(5.0, self.timeout_s / 4)) if self.rank == src
+                else contextlib.nullcontext())
+
+    def wait_for(self, phase: str, src: int = 0) -> None:
+        """Every rank but ``src``: wait until ``src`` finished ``one_rank(phase)``."""
+        if self.rank != src:
+            self.board.wait_done(phase, src, self.timeout_s)
+
+    def barrier(self, after: str | None = None) -> None:
+        """Wait for every rank; ``after`` names what this rank just finished (for the error message)."""
+        if after:
+            self.board.post(f"waiting after {after}")
+        with guard(f"barrier after {after}" if after else "barrier", self.rank, timeout_s=self.timeout_s):
             self._dist.barrier(group=self.group)
 
     def _broadcast(self, t: torch.Tensor, src: int, op: str) -> None:

@@ -1,0 +1,150 @@
+"""ZeRO-3 with models loaded the way every real checkpoint is: through ``HfDeepSpeedConfig``
+(partitioned loading), which the tiny random models (``model.tiny``) skip.
+
+* loading: the weights gathered from the ZeRO-3 partitions equal a single-process load, and
+  zero.Init is off again after the load (a plain model can then be built on one rank alone);
+* a random Llama with SmolLM2's vocabulary (49,152 x 64 embedding, tied and untied), saved as a
+  plain folder, trains, prunes in the loop and exports on 2 ranks, also when one rank holds no
+  calibration batch (the embedding gather must still be joined by every rank);
+* the packaged SmolLM2 (GGUF) end to end through the real entry point, with the deepspeed launcher
+  on 1 process and torchrun on 2: the export reloads with plain transformers, its sparsity is
+  exact, and masks and perplexity match a single-process run with the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+ZERO3 = REPO / "ds_configs" / "zero3.json"
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def random_llama(request, tmp_path_factory) -> Path:
+    """A random Llama saved as a plain HF folder: 2 blocks, hidden 64, SmolLM2's tokenizer and vocab."""
+    from transformers import LlamaForCausalLM
+
+    from xpert_dist.config import ModelConfig
+    from xpert_dist.models.loading import load_tokenizer, tiny_llama_config
+
+    folder = tmp_path_factory.mktemp(f"random_llama_{request.param}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=49152, tie_word_embeddings=request.param == "tied"))
+    model.save_pretrained(folder)
+    load_tokenizer(ModelConfig(name_or_path="smollm2")).save_pretrained(folder)
+    return folder
+
+
+def _single_process_digests(model_cfg: dict) -> dict[str, str]:
+    import contextlib
+
+    from tests.distributed.zero3_load_workers import param_digests
+    from xpert_dist.config import ModelConfig
+    from xpert_dist.models.loading import load_model
+
+    model = load_model(ModelConfig(**model_cfg))
+    return param_digests(model, lambda _ps: contextlib.nullcontext())
+
+
+def _check_partitioned_load(model_cfg: dict, timeout: float):
+    from tests.distributed.harness import ok, run_ranks
+    from tests.distributed.zero3_load_workers import load_partitioned
+
+    res = ok(run_ranks(load_partitioned, 2, model_cfg, str(ZERO3), timeout=timeout))
+    want = _single_process_digests(model_cfg)
+    for rank, r in res.items():
+        assert r["inside"] is True and r["after"] is False, (rank, r["inside"], r["after"])
+        assert r["partitioned"], f"rank {rank}: some parameters were not partitioned by zero.Init"
+        assert r["digests"] == want, f"rank {rank}: gathered weights differ from the single-process load"
+    assert res[0]["built_alone"] is True
+
+
+def test_partitioned_load_equals_single_process(random_llama):
+    _check_partitioned_load({"name_or_path": str(random_llama)}, timeout=180)
+
+
+def test_partitioned_load_smollm2_gguf():
+    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300)
+
+
+def _env():
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
+            "XPERT_DIST_TIMEOUT_S": "120"}
+
+
+def _run(launcher: str, world: int, out: Path, overrides: list[str], timeout: float = 600):
+    bin_dir = os.path.dirname(sys.executable)
+    args = ["launchers/run.py", "--no-progress", "--config", "configs/default_health.yaml", f"output_dir={out}",
+            *overrides]
+    if launcher == "python":
+        cmd = [sys.executable, *args]
+    elif launcher == "torchrun":
+        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
+               *args, "--ds_config", str(ZERO3)]
+    else:
+        cmd = [os.path.join(bin_dir, "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
+               *args, "--ds_config", str(ZERO3)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{launcher} x{world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads((out / "results.json").read_text())
+
+
+def _exported_masks(out: Path, sparsity: float) -> dict[str, torch.Tensor]:
+    """Reload the export with plain transformers; check every pruned matrix has exactly
+    round(sparsity * numel) zeros; return the kept sets (weight != 0)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    kept = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            zeros = int((p == 0).sum())
+            assert zeros == round(sparsity * p.numel()), f"{name}: {zeros} zeros, want {round(sparsity * p.numel())}"
+            kept[name] = p != 0
+    assert len(kept) == 7 * model.config.num_hidden_layers
+    return kept
+
+
+def _differing_fraction(a: dict, b: dict) -> float:
+    diff = sum(int((a[k] != b[k]).sum()) for k in a)
+    return diff / sum(v.numel() for v in a.values())
+
+
+def test_zero3_random_llama_plain_folder(random_llama, tmp_path):
+    """The issue's second failure: one calibration batch (rank 1 holds none), in-loop prune, export."""
+    common = [f"model.name_or_path={random_llama}", "train.max_steps=2", "prune.prune_every=1", "train.batch_size=2",
+              "data.calib_samples=1", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
+              "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none"]
+    res = _run("torchrun", 2, tmp_path / "zero3", common, timeout=300)
+    assert res["world_size"] == 2 and len(res["prune_reports"]) == 2
+    _exported_masks(tmp_path / "zero3", 0.4)
+
+
+def test_zero3_smollm2_end_to_end(tmp_path):
+    """SmolLM2 (GGUF) through launchers/run.py: single process (reference), deepspeed launcher on one
+    process with ZeRO-3, torchrun on two; all export, reload and agree."""
+    common = ["train.max_steps=2", "prune.prune_every=1", "train.batch_size=2", "train.warmup_steps=1",
+              "data.calib_samples=4", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
+              "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none"]
+    ref = _run("python", 1, tmp_path / "single", common)
+    ref_masks = _exported_masks(tmp_path / "single", 0.4)
+    for launcher, world in (("deepspeed", 1), ("torchrun", 2)):
+        out = tmp_path / f"{launcher}{world}"
+        res = _run(launcher, world, out, common)
+        assert res["world_size"] == world
+        masks = _exported_masks(out, 0.4)
+        frac = _differing_fraction(ref_masks, masks)
+        assert frac <= 1e-3, f"{launcher} x{world}: {frac:.2e} of mask entries differ from the single process"
+        ppl, ref_ppl = res["metrics"]["perplexity"], ref["metrics"]["perplexity"]
+        assert abs(ppl / ref_ppl - 1) <= 0.01, f"{launcher} x{world}: perplexity {ppl} vs {ref_ppl}"
