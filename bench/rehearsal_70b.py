@@ -386,9 +386,11 @@ def predict(cell: dict) -> dict:
     from xpert_dist.plan.memory import estimate
 
     fs = estimate(plan_spec(cell, "foresight", "full"))
+    fs1 = estimate(plan_spec(cell, "foresight", "full", ema=False))  # first prune step: no EMA scores yet
     sg = estimate(plan_spec(cell, "sparsegpt", "off"))
     stats_bytes = sum(t.bytes for t in fs.terms if t.name.startswith("reduced statistics held"))
     return {"train": fs.peaks["train"]["host"], "foresight_pbs_full": fs.peaks["prune"]["host"],
+            "foresight_pbs_full_first": fs1.peaks["prune"]["host"],
             "sparsegpt": sg.peaks["prune"]["host"], "reduced_statistics_bytes": stats_bytes,
             "terms_foresight": [t.to_dict() for t in fs.terms if t.step == "prune"],
             "terms_sparsegpt": [t.to_dict() for t in sg.terms if t.step == "prune"]}
@@ -406,11 +408,229 @@ def compare(rec: dict) -> dict:
     cell = rec["cell"]
     pred = predict(cell)
     rows = []
-    for phase, key in (("train", "train"), ("foresight_pbs_full_2", "foresight_pbs_full"), ("sparsegpt", "sparsegpt")):
+    runs = cell.get("prune_runs", ALL_RUNS)
+    pairs = [("train", "train"), ("foresight_pbs_full_1", "foresight_pbs_full_first"),
+             ("foresight_pbs_full_2", "foresight_pbs_full"), ("sparsegpt", "sparsegpt")]
+    for phase, key in pairs:
+        if phase != "train" and phase not in runs:
+            continue
         meas = max(r["phases"][phase]["peak"] for r in rec["ranks"])
         rows.append({"phase": phase, "measured_bytes": meas, "predicted_bytes": pred[key],
                      "err_pct": 100.0 * (pred[key] - meas) / meas})
     return {"rows": rows, "prediction": pred, "statistics_bytes": statistics_bytes(cell)}
+
+
+# ============================================================================ extrapolation to the 80-block model
+# GPU constants: ASSUMPTIONS (no GPU measured them here); named so the arithmetic can be redone.
+GPU = {"name": "H100-SXM-80GB (README's 8 nodes x 8 GPUs plan)",
+       "bf16_tflops_effective": 400.0,  # 989 peak dense bf16 x ~40% MFU (training and calibration forwards)
+       "fp32_tflops_effective": 50.0,  # 67 peak fp32 without TF32 (torch's default "highest" precision) x 75%
+       "hbm_gb_s_effective": 2000.0,  # 3.35 TB/s peak x 60% (elementwise scores, masks, writes)
+       "bytes_per_weight_elementwise": 64.0,  # ForeSight scores + EMA + mask sort + writes, per weight
+       "internode_gb_s_per_gpu": 50.0,  # 400 Gb/s NIC per GPU
+       "intranode_gb_s": 450.0}  # NVLink
+
+
+def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", world: int = 64,
+                gpus_per_node: int = 8, global_batch: int | None = None, n_train_tokens: int | None = None) -> dict:
+    """One prune step of Llama-2-70B (80 blocks) and the whole training run of ``cfg_path`` on
+    ``world`` GPUs, as FLOP/byte counts divided by the assumed throughputs in ``GPU``."""
+    import yaml
+
+    from xpert_dist.plan.shapes import ModelShape
+    from xpert_dist.train.schedule import plan_prune_steps
+    from xpert_dist.config import PruneConfig
+
+    y = yaml.safe_load(cfg_path.read_text())
+    m = ModelShape.load("llama2_70b")
+    S = int(y["data"]["seq_len"])
+    n_cal = int(y["data"]["calib_samples"])
+    T = n_cal * S
+    r = int(y["lora"]["r"])
+    shapes = m.linear_shapes()
+    P_blk = m.block_linear_params()
+    P_lin = m.layers * P_blk + m.vocab * m.hidden  # matmul parameters (blocks + LM head)
+    bf, f32 = GPU["bf16_tflops_effective"] * 1e12, GPU["fp32_tflops_effective"] * 1e12
+    attn_fwd_tok = 4.0 * S * m.q_dim  # QKᵀ and AV per token per layer (no causal saving)
+    # ---- prune step, per block (calibration split over all ranks; solves on module owners)
+    fwd = 2 * T * (2.0 * P_blk + attn_fwd_tok)  # two forwards per block (statistics, then recompute)
+    dims = m.group_dims()
+    stats_full = 2.0 * T * sum(d * d for d in dims.values())
+    stats_diag = 2.0 * T * sum(dims.values())
+    pbs_new = {n: 2.0 * r * i * i + 4.0 * o * i * r for n, (o, i) in shapes.items()}
+    pbs_old = {n: 2.0 * o * i * i + 2.0 * o * i * r for n, (o, i) in shapes.items()}
+    sgpt = {n: 4.0 / 3.0 * i ** 3 + 1.0 * o * i * i for n, (o, i) in shapes.items()}
+    n_inter = world - gpus_per_node
+    n_intra = gpus_per_node - 1
+    big = max(dims.values()) ** 2 * 4  # the owner of down_in receives every rank's partial
+    reduce_s = big * (n_inter / (GPU["internode_gb_s_per_gpu"] * 1e9) + n_intra / (GPU["intranode_gb_s"] * 1e9))
+    elementwise_s = P_blk * GPU["bytes_per_weight_elementwise"] / (GPU["hbm_gb_s_effective"] * 1e9)
+    blk = {"calibration forwards (bf16, /W)": fwd / world / bf,
+           "statistics XᵀX full (fp32, /W)": stats_full / world / f32,
+           "statistics diag (fp32, /W)": stats_diag / world / f32,
+           "reduction of full XᵀX to owners (down_in, (W-1) partials)": reduce_s,
+           "scores + mask + writes (elementwise, largest owner: all)": elementwise_s,
+           "PBS full dense solve, A·H first (down_proj owner)": pbs_new["down_proj"] / f32,
+           "PBS full dense solve, previous (U⊙P)·H (down_proj owner)": pbs_old["down_proj"] / f32,
+           "SparseGPT solve (down_proj owner)": sgpt["down_proj"] / f32}
+    step_full = m.layers * (blk["calibration forwards (bf16, /W)"] + blk["statistics XᵀX full (fp32, /W)"]
+                            + blk["reduction of full XᵀX to owners (down_in, (W-1) partials)"]
+                            + blk["scores + mask + writes (elementwise, largest owner: all)"]
+                            + blk["PBS full dense solve, A·H first (down_proj owner)"])
+    step_diag = m.layers * (blk["calibration forwards (bf16, /W)"] + blk["statistics diag (fp32, /W)"]
+                            + blk["scores + mask + writes (elementwise, largest owner: all)"])
+    # ---- training
+    tok = n_train_tokens
+    B = global_batch or max(world, int(y["train"].get("batch_size", 1)))
+    rows = tok // S
+    spe = max(1, rows // B)
+    epochs = int(y["train"].get("epochs", 1))
+    total = spe * epochs
+    flops_tok = 3.0 * (2.0 * P_lin + attn_fwd_tok * m.layers)  # forward + recompute + input-grad backward
+    step_tokens = B * S
+    train_step_s = step_tokens * flops_tok / world / bf
+    pc = PruneConfig(**{k: v for k, v in y["prune"].items() if k in PruneConfig.__dataclass_fields__})
+    plan = plan_prune_steps(pc, spe, total)
+    n_inloop = len(plan.steps)
+    train_s = total * train_step_s
+    out = {"gpu_assumptions": GPU, "world": world, "calibration_tokens": T, "seq_len": S,
+           "per_block_seconds": blk,
+           "per_block_flops": {"calibration forwards": fwd, "statistics full": stats_full, "statistics diag": stats_diag,
+                               "PBS full dense new (down_proj)": pbs_new["down_proj"],
+                               "PBS full dense previous (down_proj)": pbs_old["down_proj"],
+                               "SparseGPT (down_proj)": sgpt["down_proj"],
+                               "PBS full new (all 7)": sum(pbs_new.values()), "PBS full previous (all 7)": sum(pbs_old.values())},
+           "prune_step_s": {"pbs full (statistics full)": step_full, "pbs diagonal / final step (statistics diag)": step_diag},
+           "training": {"train_tokens": tok, "rows": rows, "global_batch": B, "steps_per_epoch": spe, "epochs": epochs,
+                        "total_steps": total, "flops_per_token": flops_tok, "step_s": train_step_s, "train_s": train_s,
+                        "inloop_prune_steps": list(plan.steps), "final_prune_step": True,
+                        "config_batch_size": y["train"].get("batch_size")}}
+    ratios = {}
+    for name, inloop in (("pbs diagonal (shipped in configs/llama70b_health.yaml)", step_diag),
+                         ("pbs full", step_full)):
+        ex = train_s + n_inloop * inloop + step_diag  # + the final prune (no PBS: diagonal statistics)
+        ratios[name] = {"vs_plain_lora": ex / train_s, "vs_lora_then_prune": ex / (train_s + step_diag)}
+    out["time_ratio"] = ratios
+    # how many training tokens make the shipped schedule (1 in-loop + final) stay within 1.10x of plain LoRA
+    per_tok = flops_tok / world / bf
+    for name, inloop in (("pbs diagonal", step_diag), ("pbs full", step_full)):
+        out.setdefault("tokens_for_1.10x", {})[name] = (n_inloop * inloop + step_diag) / (0.10 * per_tok * epochs)
+    return out
+
+
+# ============================================================================ report
+def _load(pattern: str) -> list[dict]:
+    return [json.loads(x.read_text()) for x in sorted(CACHE.glob(pattern)) if not x.name.endswith(".config.json")]
+
+
+def report() -> dict:
+    micro_recs = _load("rh70-micro-*.json")
+    harness_recs = _load("rh70-harness-*.json")
+    pipe_recs = _load("rh70-pipeline-*.json")
+    cells = []
+    for rec in harness_recs:
+        cmp_ = compare(rec)
+        parts = {}
+        for ph in rec["cell"].get("prune_runs", ALL_RUNS):
+            r0 = rec["ranks"]
+            parts[ph] = {"seconds_max_rank": max(r["phases"][ph]["seconds"] for r in r0),
+                         "cpu_seconds_max_rank": max((r["phases"][ph].get("cpu_seconds") or 0.0) for r in r0) or None,
+                         "parts_cpu_seconds_by_rank": [r["phases"][ph]["parts"].get("cpu_seconds") for r in r0],
+                         "parts_seconds_by_rank": [r["phases"][ph]["parts"]["seconds"] for r in r0]}
+        cells.append({"cell": rec["cell"], "wall_s": rec["wall_s"], "comparison": cmp_["rows"],
+                      "statistics_bytes_one_block": cmp_["statistics_bytes"],
+                      "predicted_reduced_statistics_bytes": cmp_["prediction"]["reduced_statistics_bytes"],
+                      "train": {k: max(r["phases"]["train"].get(k) or 0 for r in rec["ranks"])
+                                for k in ("seconds_per_step", "cpu_seconds_per_step")},
+                      "prune": parts, "baseline_bytes": max(r["baseline"] for r in rec["ranks"])})
+    pipes = [{k: v for k, v in r.items() if k not in ("log_tail", "command", "loss_history")} for r in pipe_recs]
+    from xpert_dist.data import sources  # noqa: F401  (token count below is recorded, not recomputed)
+    ext = extrapolate(n_train_tokens=HEALTH_TOKENS)
+    res = {"micro": micro_recs, "harness": cells, "pipeline": pipes, "extrapolation": ext,
+           "health_train_tokens_note": "health training set: 2137 records, 637,556 SmolLM2 tokens (Llama-2's "
+                                       "tokenizer is not available offline; taken as the token count)"}
+    errs = [abs(r["err_pct"]) for c in cells for r in c["comparison"]]
+    res["summary"] = {"max_abs_err_pct": max(errs) if errs else None, "n_predictions": len(errs),
+                      "within_15pct": sum(e <= 15 for e in errs)}
+    return res
+
+
+HEALTH_TOKENS = 637556  # measured once with the SmolLM2 tokenizer (see report note)
+
+
+def _fmt_s(x):
+    return "–" if x is None else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
+
+
+def write(res: dict) -> None:
+    _atomic_json(RESULTS / "rehearsal_70b.json", res)
+    L = ["# 70B dress rehearsal on CPU (bench/rehearsal_70b.py)", "",
+         "Shared 2-core CPU machine (load average 15-20 from other work during these runs): wall times are "
+         "inflated ~5-10x; CPU seconds (process time of one thread) are the comparable numbers.", ""]
+    L += ["## Single matrices at the exact 70B widths (random SPD H = XᵀX of 512 correlated tokens, r = 8, 50%)", "",
+          "| matrix | part | CPU s (full rows) | FLOPs | CPU GFLOP/s | peak RSS GiB | note |", "|---|---|---|---|---|---|---|"]
+    for m in sorted(res["micro"], key=lambda x: (x["matrix"], PARTS.index(x["part"]))):
+        note = f"timed on {m['rows_timed']} rows, scaled" if m["rows_timed"] != m["shape"][0] else ""
+        gf = m.get("gflops_per_s")
+        L.append(f"| {m['matrix']} {m['shape'][0]}x{m['shape'][1]} | {m['part']} | {_fmt_s(m['cpu_seconds_full_rows'])} | "
+                 f"{m['flops']:.3g} | {'–' if not gf else f'{gf:.2f}'} | {m['peak_rss_bytes'] / GiB:.2f} | {note} |")
+    L += ["", "## Blocks under DeepSpeed ZeRO-3 (2 gloo ranks): measured peak RSS vs `xpert_dist.plan`", "",
+          "| shape (h / I / heads q:kv) | layers | phase | measured MiB (max rank) | predicted MiB | error % |",
+          "|---|---|---|---|---|---|"]
+    for c in res["harness"]:
+        sh = SHAPES[c["cell"]["shape"]]
+        desc = (f"{c['cell']['shape']} ({sh['hidden_size']} / {sh['intermediate_size']} / "
+                f"{sh['num_attention_heads']}:{sh['num_key_value_heads']})")
+        for r in c["comparison"]:
+            L.append(f"| {desc} | {c['cell']['layers']} | {r['phase']} | {r['measured_bytes'] / MiB:.0f} | "
+                     f"{r['predicted_bytes'] / MiB:.0f} | {r['err_pct']:+.1f} |")
+    L += ["", "Per-part time of the prune steps (rank 0 / rank 1, CPU s where recorded, else wall s):", ""]
+    for c in res["harness"]:
+        for ph, d in c["prune"].items():
+            by = d["parts_cpu_seconds_by_rank"] if d["parts_cpu_seconds_by_rank"][0] else d["parts_seconds_by_rank"]
+            unit = "CPU s" if d["parts_cpu_seconds_by_rank"][0] else "wall s"
+            keys = sorted(set().union(*[set(b) for b in by]))
+            L.append(f"- {c['cell']['shape']} L{c['cell']['layers']} {ph} ({unit}; step "
+                     f"{_fmt_s(d['cpu_seconds_max_rank'] or d['seconds_max_rank'])}): "
+                     + "; ".join(f"{k} {' / '.join(_fmt_s(b.get(k, 0.0)) for b in by)}" for k in keys))
+    L += ["", "## The real entry point (torchrun, 2 ranks, `launchers/run.py --ds_config ds_configs/zero3.json`)", "",
+          "| run | rc | wall s | train s (CPU s) | prune s (CPU s) | peak RSS MiB (rank 0) | export | perplexity |",
+          "|---|---|---|---|---|---|---|---|"]
+    for p_ in res["pipeline"]:
+        t = p_.get("timing") or {}
+        mem = (p_.get("memory") or {}).get("peak_rss_mb")
+        L.append(f"| {p_['key']} | {p_['rc']} | {p_['wall_s']:.0f} | {_fmt_s(t.get('train_s'))} ({_fmt_s(t.get('train_cpu_s'))}) | "
+                 f"{_fmt_s(t.get('prune_s'))} ({_fmt_s(t.get('prune_cpu_s'))}) | {_fmt_s(mem)} | "
+                 f"{', '.join(p_.get('exported') or [])} | {_fmt_s((p_.get('metrics') or {}).get('perplexity'))} |")
+    e = res["extrapolation"]
+    g = e["gpu_assumptions"]
+    L += ["", "## Extrapolation: Llama-2-70B (80 blocks) on 8 x 8 GPUs (arithmetic; GPU constants are assumptions)", "",
+          "Assumed per GPU: " + ", ".join(f"{k} = {v}" for k, v in g.items()) + ".", "",
+          f"Calibration {e['calibration_tokens']:,} tokens (128 x {e['seq_len']}), split over {e['world']} ranks.", "",
+          "| part (per block) | FLOPs | seconds |", "|---|---|---|"]
+    fl = e["per_block_flops"]
+    fmap = {"calibration forwards (bf16, /W)": fl["calibration forwards"],
+            "statistics XᵀX full (fp32, /W)": fl["statistics full"], "statistics diag (fp32, /W)": fl["statistics diag"],
+            "PBS full dense solve, A·H first (down_proj owner)": fl["PBS full dense new (down_proj)"],
+            "PBS full dense solve, previous (U⊙P)·H (down_proj owner)": fl["PBS full dense previous (down_proj)"],
+            "SparseGPT solve (down_proj owner)": fl["SparseGPT (down_proj)"]}
+    for k, v in e["per_block_seconds"].items():
+        L.append(f"| {k} | {fmap.get(k, float('nan')):.3g} | {v:.3g} |")
+    tr = e["training"]
+    L += ["", f"One prune step of all 80 blocks: **{e['prune_step_s']['pbs full (statistics full)']:.0f} s** with "
+          f"full-Hessian PBS (the reduction of each block's 3.3 GB down_proj XᵀX into its owner dominates), "
+          f"**{e['prune_step_s']['pbs diagonal / final step (statistics diag)']:.1f} s** with diagonal PBS / the final step.",
+          "", f"Training with configs/llama70b_health.yaml on the shipped health data: {tr['train_tokens']:,} tokens -> "
+          f"{tr['rows']} rows of {e['seq_len']}, global batch {tr['global_batch']} -> {tr['steps_per_epoch']} step(s) per "
+          f"epoch x {tr['epochs']} epochs = {tr['total_steps']} optimizer steps of {tr['step_s']:.1f} s "
+          f"({tr['flops_per_token']:.3g} FLOPs/token); in-loop prune steps before steps {tr['inloop_prune_steps']}, "
+          "then the final prune step.", "",
+          "| variant | time vs plain LoRA | vs LoRA then one prune step | training tokens per epoch for 1.10x |",
+          "|---|---|---|---|"]
+    for k, v in e["time_ratio"].items():
+        tk = e["tokens_for_1.10x"]["pbs full" if "full" in k else "pbs diagonal"]
+        L.append(f"| {k} | {v['vs_plain_lora']:.2f}x | {v['vs_lora_then_prune']:.2f}x | {tk / 1e6:.1f} M |")
+    (RESULTS / "rehearsal_70b.md").write_text("\n".join(L) + "\n")
 
 
 # ============================================================================ entry point
@@ -435,6 +655,7 @@ def main(argv=None) -> int:
     pl.add_argument("--method", default="foresight")
     pl.add_argument("--pbs", default="full")
     pl.add_argument("--fresh", action="store_true")
+    sub.add_parser("report")
     mp = sub.add_parser("_micro_part")
     mp.add_argument("matrix")
     mp.add_argument("part")
@@ -449,6 +670,11 @@ def main(argv=None) -> int:
     if args.cmd == "pipeline":
         rec = pipeline(args.shape, args.layers, args.method, args.pbs, fresh=args.fresh)
         return 0 if rec["rc"] == 0 else 1
+    if args.cmd == "report":
+        res = report()
+        write(res)
+        print((RESULTS / "rehearsal_70b.md").read_text())
+        return 0
     if args.cmd == "micro":
         micro(args.matrices, args.parts, fresh=args.fresh)
         return 0
