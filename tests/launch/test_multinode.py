@@ -177,8 +177,9 @@ def test_lost_node_fails_clearly_and_resubmission_resumes(two_node_runs, tmp_pat
     # both ranks pause after step 3 (checkpoint of step 2 written, step 4 not yet); xn2 is lost there
     env.update(XPERT_FAULT_PAUSE_AT_POLL="3", XPERT_FAULT_DIR=str(fault),
                XPERT_FAULT_PAUSE_TIMEOUT=str(PAUSE_TIMEOUT_S), XPERT_DIST_TIMEOUT_S=str(DIST_TIMEOUT_S))
-    # --no-requeue: SLURM would otherwise requeue the job on NODE_FAIL by itself
-    job = submit(cfg, log, "2x1", env, ["--no-requeue"], f"output_dir={out}")
+    # --no-requeue: SLURM would otherwise requeue the job on NODE_FAIL by itself; --exclusive: the
+    # crash kills everything on xn2, so no other job may share the nodes with this one
+    job = submit(cfg, log, "2x1", env, ["--no-requeue", "--exclusive"], f"output_dir={out}")
     wait_paused(job, [fault / "paused.rank0", fault / "paused.rank1"], log)
     t_crash = time.monotonic()
     crash_node("xn2")
