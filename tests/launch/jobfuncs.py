@@ -58,3 +58,23 @@ class CounterJob(PreemptibleJob):
                                                lambda d: (d / "state.json").write_text(snapshot))
                 raise signals.Preempted(f"stopped at {state['i']}", step=state["i"])
         return state
+
+
+def gloo_all_reduce() -> dict:
+    """Each task: rendezvous from its environment (env.init_from_environment), one gloo all_reduce of
+    rank + 1; returns where it ran and what it got (the sum over ranks is the oracle)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from xpert_dist.launch.env import init_from_environment
+
+    d = init_from_environment(install_signal_handlers=False)
+    dist.init_process_group("gloo", rank=d.rank, world_size=d.world_size)
+    t = torch.tensor([float(d.rank + 1)])
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return {"rank": d.rank, "world_size": d.world_size, "host": socket.gethostname(),
+            "master": f"{d.master_addr}:{d.master_port}", "ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+            "sum": t.item()}

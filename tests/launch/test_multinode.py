@@ -1,7 +1,8 @@
 """Two SLURM nodes on one machine (.ci/slurm-up.sh: xn1, xn2 in their own network namespaces).
 
 * The nodes are separate hosts as far as a job can tell: own hostname, own network namespace
-  and address, reachable from each other over the bridge.
+  and address, reachable from each other over the bridge; a submitit job with nodes=2 has one
+  task on each and their gloo all_reduce meets over that network.
 * ``sbatch --nodes=2 --ntasks-per-node=1`` of slurm/cpu_tiny.sh with ``ds_configs/zero3.json``
   (the common.sh path of prune_70b.sh): rank 0 on xn1, rank 1 on xn2, rendezvous at the first
   node and the job-id port, gloo bound to the namespace interface; its masks and losses equal
@@ -83,6 +84,27 @@ def test_namespace_nodes_are_separate_hosts(multinode_cluster):
     addrs = {r[3] for r in rows}
     assert addrs == {"10.213.0.11/24", "10.213.0.12/24"}, out.stdout
     assert sorted(ln for ln in lines if ln.startswith("reach")) == ["reach xn1", "reach xn2"], out.stdout
+
+
+def test_submitit_job_on_two_nodes_meets_over_the_namespace_network(multinode_cluster, submitit_folder):
+    """launchers/submit.py's path (submitit) with nodes=2: one task per node, one gloo all_reduce."""
+    import cloudpickle
+
+    from xpert_dist.launch import cluster, jobs
+
+    from . import jobfuncs
+
+    cloudpickle.register_pickle_by_value(jobfuncs)
+    settings = cluster.SlurmSettings(partition=multinode_cluster, nodes=2, tasks_per_node=1, timeout_min=5,
+                                     mem_gb=1, signal_delay_s=60)
+    job = cluster.make_executor(settings, "slurm", submitit_folder).submit(jobfuncs.gloo_all_reduce)
+    out = jobs.wait_and_report([job], ["gloo"], all_tasks=True, timeout_s=240)[0]
+    assert out.ok, out.error + "\n" + out.log_tail
+    res = sorted(out.result, key=lambda r: r["rank"])
+    assert [r["host"] for r in res] == list(NODES)
+    assert {r["world_size"] for r in res} == {2} and {r["sum"] for r in res} == {1.0 + 2.0}
+    assert {r["master"] for r in res} == {f"xn1:{E.port_from_job_id(job.job_id)}"}
+    assert {r["ifname"] for r in res} == {"xpeth0"}
 
 
 @pytest.fixture(scope="module")
