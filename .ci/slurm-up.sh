@@ -73,6 +73,7 @@ case "$MULTI" in 0|1) ;; *) die "XPERT_SLURM_MULTINODE=$MULTI: use 1 (two namesp
 # ---------------------------------------------------------------- 1. packages
 want=(munge slurm-client slurmctld slurmd)
 [ "$ACCOUNTING" = 1 ] && want+=(slurmdbd mariadb-server)
+[ "$MULTI" = 1 ] && want+=(iproute2)          # ip netns / veth / bridge for the namespace nodes
 need=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
