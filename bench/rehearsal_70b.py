@@ -108,7 +108,11 @@ def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: i
     stat_s, stat_cpu = time.perf_counter() - t0, time.process_time() - c0
     del X
     d = H.diagonal().clone()
-    keep = masks.select_mask(scores.wanda_scores(W, d), 0.5, "output")
+    keep = None
+    if part.startswith("pbs"):  # a 50% per-row magnitude mask (cheap to build; the solves' cost does not depend on it)
+        aw = W.abs()
+        keep = aw >= aw.median(dim=1, keepdim=True).values
+        del aw
     reset_peak()
     rss0 = rss_bytes()
     rows = out_f
@@ -146,6 +150,20 @@ def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: i
             "part_extra_peak_bytes": hwm_bytes() - rss0, "threads": torch.get_num_threads()}
 
 
+def micro_peak_bytes(part: str, out_f: int, in_f: int) -> float:
+    """Rough peak of one micro part (H, W and the part's largest temporaries), to decide whether it may run."""
+    base = 4.0 * (in_f * in_f + out_f * in_f)
+    extra = {"sparsegpt": 4.0 * (2 * in_f * in_f + 2 * out_f * in_f), "mask": 4.0 * 4 * out_f * in_f,
+             "pbs_full": 4.0 * 2 * out_f * in_f + in_f * in_f, "pbs_diagonal": 4.0 * 2 * out_f * in_f}.get(part, 4.0 * out_f * in_f)
+    return base + extra + 0.5 * GiB
+
+
+def mem_available() -> int:
+    import re
+
+    return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+
+
 def micro(matrices, parts, fresh=False) -> list[dict]:
     out = []
     for mname in matrices:
@@ -155,6 +173,11 @@ def micro(matrices, parts, fresh=False) -> list[dict]:
             if path.is_file() and not fresh:
                 out.append(json.loads(path.read_text()))
                 print(f"[cached] {key}", flush=True)
+                continue
+            need = micro_peak_bytes(part, *MATRICES[mname]) + 3 * GiB  # 3 GiB headroom: the machine is shared
+            if mem_available() < need:
+                print(f"[skipped: memory] {key}: needs ~{need / GiB:.1f} GiB incl. 3 GiB headroom, "
+                      f"{mem_available() / GiB:.1f} GiB available", flush=True)
                 continue
             env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             t0 = time.time()
@@ -386,7 +409,9 @@ def predict(cell: dict) -> dict:
     from xpert_dist.plan.memory import estimate
 
     fs = estimate(plan_spec(cell, "foresight", "full"))
-    fs1 = estimate(plan_spec(cell, "foresight", "full", ema=False))  # first prune step: no EMA scores yet
+    # the first prune step starts without EMA scores but creates them block by block: at its last block
+    # (where the peak is) the owned ones all exist, so it is predicted with the same terms as the steady state
+    fs1 = estimate(plan_spec(cell, "foresight", "full"))
     sg = estimate(plan_spec(cell, "sparsegpt", "off"))
     stats_bytes = sum(t.bytes for t in fs.terms if t.name.startswith("reduced statistics held"))
     return {"train": fs.peaks["train"]["host"], "foresight_pbs_full": fs.peaks["prune"]["host"],

@@ -131,9 +131,9 @@ def estimate(spec: PlanSpec) -> Plan:
     gloo = cpu_case  # gloo's all-gather stages through a second full-size output buffer (measured)
     biggest = max(m.embed_params(), P_block)
     if z == 3 and W > 1:  # with W = 1 DeepSpeed's fetch skips the all-gather (the partition is the parameter)
-        live = biggest + min(spec.prefetch_bucket_params, P_block)
+        live = min(biggest + min(spec.prefetch_bucket_params, P_block), P)  # never more than the whole model
         add("train", "compute", accel, "ZeRO-3 gathered parameters", live * b,
-            "(max(V·h, block) + min(prefetch bucket, block))·b")
+            "min(max(V·h, block) + min(prefetch bucket, block), P)·b")
         if gloo:
             add("train", "compute", "host", "gloo all-gather staging buffer", biggest * b, "max(V·h, block)·b")
     per_layer = layer_activation_bytes(m, spec.lora_r, spec.lora_dropout, b, len(spec.lora_targets))

@@ -1,0 +1,92 @@
+"""Planner terms corrected by the 70B rehearsal (bench/rehearsal_70b.py), hand-computed.
+
+* the last block has no next block: ForeSight gathers none for a one-block model (the code's
+  ``if i + 1 < len(layers)``; checked here against the real Pruner with a recording context);
+* ZeRO-3 cannot hold more gathered parameters than the whole model;
+* SparseGPT's workspace is two ``in × in`` matrices of the widest-input module in the solver dtype
+  plus a working copy of W and two masks, and its reconstructed weights are broadcast with the masks.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from xpert_dist.plan.memory import PlanSpec, estimate
+from xpert_dist.plan.shapes import ModelShape
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=1, tie_word_embeddings=False)
+
+
+def _terms(**kw):
+    layers = kw.pop("layers", 1)
+    shape = ModelShape.from_config(dict(TINY, num_hidden_layers=layers))
+    spec = PlanSpec(model=shape, nodes=1, gpus_per_node=2, zero_stage=3, dtype="float32", accelerator="cpu",
+                    seq_len=8, micro_batch=1, calib_samples=4, **kw)
+    return shape, {(t.step, t.name): t.bytes for t in estimate(spec).terms}
+
+
+def test_no_next_block_gather_for_the_last_block():
+    _, one = _terms(layers=1, method="foresight", pbs="full")
+    shape2, two = _terms(layers=2, method="foresight", pbs="full")
+    assert not any("next block" in name for _, name in one)
+    blk = shape2.block_params()
+    assert two[("prune", "gathered next block (ForeSight consumers)")] == blk * 4 * 2  # x2: gloo staging
+    n_lin = shape2.block_linear_params()
+    nxt = shape2.block_linear_params(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert one[("prune", "effective weights U (fp32)")] == n_lin * 4
+    assert two[("prune", "effective weights U (fp32)")] == (n_lin + nxt) * 4
+
+
+def test_real_pruner_gathers_the_next_block_only_when_there_is_one():
+    """The oracle for the term above: count which blocks a real ForeSight prune step gathers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xpert_dist.config import PruneConfig
+    from xpert_dist.distributed.context import DistContext
+    from xpert_dist.models import structure as st
+    from xpert_dist.prune.pruner import Pruner
+
+    class Recording(DistContext):
+        def __init__(self, blocks):
+            super().__init__()
+            self.ids = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+            self.seen = []
+
+        def gather(self, params, modify=False):
+            params = list(params)
+            hit = sorted({self.ids[id(p)] for p in params if id(p) in self.ids})
+            if hit:
+                self.seen.append(tuple(hit))
+            return contextlib.nullcontext()
+
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**dict(TINY, num_hidden_layers=layers)))
+        ctx = Recording(st.blocks(model))
+        Pruner(PruneConfig(method="foresight", pbs="full", sparsity=0.5), ctx, batch_size=2,
+               progress=False).step(model, torch.randint(0, 64, (4, 8)), 0.5)
+        # block i is gathered for its own prune; the next one is gathered as ForeSight's consumer
+        nexts = [s for s in ctx.seen if s != (0,) and s[0] > 0]
+        if layers == 1:
+            assert set(ctx.seen) == {(0,)}
+        else:
+            assert (1,) in nexts and ctx.seen.count((1,)) >= 2  # as consumer of block 0, then its own prune
+
+
+def test_gathered_parameters_capped_at_the_model():
+    shape, t = _terms(layers=1, method="wanda", pbs="off")
+    P = shape.total_params()
+    assert P < max(shape.embed_params(), shape.block_params()) + shape.block_params()
+    assert t[("train", "ZeRO-3 gathered parameters")] == P * 4
+
+
+def test_sparsegpt_workspace_in_the_solver_dtype():
+    shape, t32 = _terms(method="sparsegpt", pbs="off", solver_dtype="float32")
+    _, t64 = _terms(method="sparsegpt", pbs="off", solver_dtype="float64")
+    o, i = 32, 112  # down_proj: the widest input
+    assert t32[("prune", "SparseGPT workspace (largest-input module, float32)")] == 2 * i * i * 4 + o * i * (4 + 2)
+    assert t64[("prune", "SparseGPT workspace (largest-input module, float64)")] == 2 * i * i * 8 + o * i * (8 + 2)
+    n_lin = shape.block_linear_params()
+    assert t32[("prune", "masks + SparseGPT weights of the block (broadcast)")] == n_lin * 5
