@@ -35,8 +35,14 @@ def overrides(steps: int) -> list[str]:
             "eval.tasks=[]", "model.name_or_path=smollm2"]
 
 
-def run(label: str, world: int, extra: list[str], out_dir: Path, steps: int) -> dict:
+def run(label: str, world: int, extra: list[str], out_dir: Path, steps: int, reuse: bool = False) -> dict:
     out = out_dir / label
+    if reuse and (out / "results.json").is_file():  # a finished run of an earlier invocation
+        res = json.loads((out / "results.json").read_text())
+        t = res["timing"]
+        return {"label": label, "world_size": world, "dir": str(out), "wall_s": None, "train_s": t["train_s"],
+                "train_cpu_s": t["train_cpu_s"], "prune_s": t["prune_s"], "steps": len(res["loss_history"]),
+                "final_loss": res.get("final_loss"), "reused": True}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "launchers/run.py", "--no-progress", "--config", "configs/default_health.yaml",
@@ -61,6 +67,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-rerun", dest="rerun", action="store_false", help="skip the reproducible rerun")
+    ap.add_argument("--reuse", action="store_true", help="keep runs that finished in an earlier invocation")
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "bench" / "repro_cost"))
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
         plan.append(("repro-1x1-rerun", 1, ["train.reproducible=true"]))
     rows = []
     for label, world, extra in plan:
-        rows.append(run(label, world, extra, out_dir, args.steps))
+        rows.append(run(label, world, extra, out_dir, args.steps, args.reuse))
         print(json.dumps(rows[-1]), flush=True)
     by = {r["label"]: r for r in rows}
     cost = {}
