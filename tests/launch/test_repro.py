@@ -130,3 +130,19 @@ def test_missing_manifest(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "repro.py"), str(a), str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
+
+
+def test_submit_repro_dry_run_plans_the_layouts(tmp_path):
+    from .conftest import tiny_config, write_config
+
+    cfg = write_config(tmp_path / "run.json", tiny_config(tmp_path / "out", train={"batch_size": 4}))
+    cmd = [sys.executable, str(REPO / "launchers" / "submit.py"), "repro", "--config", str(cfg), "--dry-run",
+           "--layouts", "1x1,1x2,2x1", "--repeats", "1", "train.reproducible=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 job(s), executor slurm" in proc.stdout
+    for label, layout in (("1x1", "1 node(s) x 1 task(s)"), ("1x2", "1 node(s) x 2 task(s)"),
+                          ("2x1", "2 node(s) x 1 task(s)"), ("1x1-rerun1", "1 node(s) x 1 task(s)")):
+        assert f"{label}: {layout}" in proc.stdout, proc.stdout
+    bad = subprocess.run(cmd[:-1] + ["--layouts", "1x3"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "cannot be split evenly over 3 ranks" in bad.stderr
