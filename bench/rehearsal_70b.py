@@ -414,7 +414,12 @@ def predict(cell: dict) -> dict:
     fs1 = estimate(plan_spec(cell, "foresight", "full"))
     sg = estimate(plan_spec(cell, "sparsegpt", "off"))
     stats_bytes = sum(t.bytes for t in fs.terms if t.name.startswith("reduced statistics held"))
-    return {"train": fs.peaks["train"]["host"], "foresight_pbs_full": fs.peaks["prune"]["host"],
+    # the harness trains before any prune step: dense LoRA, without the masked adapter's terms (the planner adds
+    # those for training after the mask is final); CPU case: every term is host, peak = resident + compute
+    dense = sum(t.bytes for t in fs.terms if t.step == "train" and t.where == "host"
+                and not t.name.startswith("masked")) * fs.spec.constants.cpu_allocator_slack
+    return {"train": dense, "train_with_masked_adapter": fs.peaks["train"]["host"],
+            "foresight_pbs_full": fs.peaks["prune"]["host"],
             "foresight_pbs_full_first": fs1.peaks["prune"]["host"],
             "sparsegpt": sg.peaks["prune"]["host"], "reduced_statistics_bytes": stats_bytes,
             "terms_foresight": [t.to_dict() for t in fs.terms if t.step == "prune"],
@@ -561,7 +566,9 @@ def report() -> dict:
             parts[ph] = {"seconds_max_rank": max(r["phases"][ph]["seconds"] for r in r0),
                          "cpu_seconds_max_rank": max((r["phases"][ph].get("cpu_seconds") or 0.0) for r in r0) or None,
                          "parts_cpu_seconds_by_rank": [r["phases"][ph]["parts"].get("cpu_seconds") for r in r0],
-                         "parts_seconds_by_rank": [r["phases"][ph]["parts"]["seconds"] for r in r0]}
+                         "parts_seconds_by_rank": [r["phases"][ph]["parts"]["seconds"] for r in r0],
+                         "step_cpu_by_rank": [r["phases"][ph].get("cpu_seconds") for r in r0],
+                         "step_wall_by_rank": [r["phases"][ph]["seconds"] for r in r0]}
         cells.append({"cell": rec["cell"], "wall_s": rec["wall_s"], "comparison": cmp_["rows"],
                       "statistics_bytes_one_block": cmp_["statistics_bytes"],
                       "predicted_reduced_statistics_bytes": cmp_["prediction"]["reduced_statistics_bytes"],
@@ -571,7 +578,13 @@ def report() -> dict:
     pipes = [{k: v for k, v in r.items() if k not in ("log_tail", "command", "loss_history")} for r in pipe_recs]
     from xpert_dist.data import sources  # noqa: F401  (token count below is recorded, not recomputed)
     ext = extrapolate(n_train_tokens=HEALTH_TOKENS)
-    res = {"micro": micro_recs, "harness": cells, "pipeline": pipes, "extrapolation": ext,
+    not_run = {}
+    for sh in ("70b-half", "70b"):
+        c = dict(kind="harness", shape=sh, layers=1, world=2, seq_len=64, micro_batch=1, calib_samples=4,
+                 calib_batch=1, steps=2)
+        pr = predict(c)
+        not_run[sh] = {k: pr[k] for k in ("train", "foresight_pbs_full", "sparsegpt", "reduced_statistics_bytes")}
+    res = {"micro": micro_recs, "harness": cells, "pipeline": pipes, "extrapolation": ext, "not_run": not_run,
            "health_train_tokens_note": "health training set: 2137 records, 637,556 SmolLM2 tokens (Llama-2's "
                                        "tokenizer is not available offline; taken as the token count)"}
     errs = [abs(r["err_pct"]) for c in cells for r in c["comparison"]]
@@ -614,6 +627,11 @@ def write(res: dict) -> None:
         for ph, d in c["prune"].items():
             by = d["parts_cpu_seconds_by_rank"] if d["parts_cpu_seconds_by_rank"][0] else d["parts_seconds_by_rank"]
             unit = "CPU s" if d["parts_cpu_seconds_by_rank"][0] else "wall s"
+            step_by = [r for r in (d.get("step_cpu_by_rank") if by is d["parts_cpu_seconds_by_rank"] else
+                                   d.get("step_wall_by_rank")) or []]
+            by = [dict(b, **({"calibration forwards + statistics (step - on_block)":
+                              st - b.get("on_block (gather, scores, solve, writes)", 0.0)} if st else {}))
+                  for b, st in zip(by, step_by or [None] * len(by))]
             keys = sorted(set().union(*[set(b) for b in by]))
             L.append(f"- {c['cell']['shape']} L{c['cell']['layers']} {ph} ({unit}; step "
                      f"{_fmt_s(d['cpu_seconds_max_rank'] or d['seconds_max_rank'])}): "
@@ -627,6 +645,18 @@ def write(res: dict) -> None:
         L.append(f"| {p_['key']} | {p_['rc']} | {p_['wall_s']:.0f} | {_fmt_s(t.get('train_s'))} ({_fmt_s(t.get('train_cpu_s'))}) | "
                  f"{_fmt_s(t.get('prune_s'))} ({_fmt_s(t.get('prune_cpu_s'))}) | {_fmt_s(mem)} | "
                  f"{', '.join(p_.get('exported') or [])} | {_fmt_s((p_.get('metrics') or {}).get('perplexity'))} |")
+    L += ["", "## What did not run here, and why", ""]
+    for sh, pr in res["not_run"].items():
+        L.append(f"- harness cell `{sh}` (1 block, 2 ranks): the planner predicts "
+                 f"{pr['train'] / GiB:.1f} GiB (training), {pr['foresight_pbs_full'] / GiB:.1f} GiB (ForeSight + PBS full "
+                 f"prune step) and {pr['sparsegpt'] / GiB:.1f} GiB (SparseGPT) per rank, x 2 ranks, on a 24 GiB machine "
+                 "shared with 4 other agents (5-10 GiB available during these runs); CPU time at load 15-20 is the "
+                 "second limit (the 1/4-width cell took 15 min wall).")
+    done_micro = {(m["matrix"], m["part"]) for m in res["micro"]}
+    missing = [f"{mm} {pp}" for mm in MATRICES for pp in PARTS if (mm, pp) not in done_micro]
+    if missing:
+        L.append("- single-matrix parts not measured (memory guard: predicted peak + 3 GiB headroom was not "
+                 "available, or no time left): " + ", ".join(missing) + ".")
     e = res["extrapolation"]
     g = e["gpu_assumptions"]
     L += ["", "## Extrapolation: Llama-2-70B (80 blocks) on 8 x 8 GPUs (arithmetic; GPU constants are assumptions)", "",
