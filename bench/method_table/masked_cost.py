@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Cost of the masked adapter (W⊙M + s·(BA)⊙M) against plain LoRA, per training step, on SmolLM2-135M.
+
+    python bench/method_table/masked_cost.py [--steps 3] [--threads 1]
+
+One process, one model: training steps of 4 × 256 tokens (the method table's batch), LoRA r=8 on
+all seven linears, alternating plain LoRA and the masked adapter (40% random masks on every LoRA
+layer) after one warm-up step each, so both see the same machine load. CPU time (process_time, all
+threads) is the less load-sensitive measure on a shared machine; wall time is reported too.
+Writes ``bench/results/masked_cost.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "oneshot"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+
+    import common  # noqa: E402
+    import prepare  # noqa: E402
+    from xpert_dist.config import LoraSettings, ModelConfig
+    from xpert_dist.models import lora, structure as st
+    from xpert_dist.models.loading import load_model
+    from xpert_dist.prune.adapter import lora_layers
+
+    torch.set_num_threads(args.threads)
+    prepare.convert_model()
+    model = lora.wrap_lora(load_model(ModelConfig(name_or_path=str(common.model_dir()))), LoraSettings())
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (4, 256), generator=g)
+    layers = lora_layers(model)
+    masks = [torch.rand(st.base_linear(m).weight.shape, generator=g) >= 0.4 for m in layers]
+
+    def set_mode(masked: bool) -> None:
+        for m, keep in zip(layers, masks):
+            if masked:
+                lora.mask_delta(m, keep)
+            else:
+                lora.unmask_delta(m)
+
+    def one_step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    runs = {"lora": [], "masked": []}
+    for mode in runs:  # warm-up
+        set_mode(mode == "masked")
+        one_step()
+    for _ in range(args.steps):
+        for mode in runs:
+            set_mode(mode == "masked")
+            runs[mode].append(one_step())
+    summary = {m: {"wall_s": statistics.median(w for w, _ in r), "cpu_s": statistics.median(c for _, c in r),
+                   "steps": len(r)} for m, r in runs.items()}
+    summary["masked"]["wall_vs_lora"] = summary["masked"]["wall_s"] / summary["lora"]["wall_s"]
+    summary["masked"]["cpu_vs_lora"] = summary["masked"]["cpu_s"] / summary["lora"]["cpu_s"]
+    out = ROOT / "bench" / "results"
+    (out / "masked_cost.json").write_text(json.dumps({"args": vars(args), "summary": summary,
+                                                      "raw": runs}, indent=2))
+    md = (f"SmolLM2-135M, 4 × 256 tokens per step, LoRA r=8 on 7 linears, {args.threads} thread(s); medians of "
+          f"{args.steps} alternating steps after one warm-up each (bench/method_table/masked_cost.py).\n\n"
+          "| adapter | wall s / step | CPU s / step | wall / LoRA | CPU / LoRA |\n|---|---|---|---|---|\n"
+          f"| plain LoRA | {summary['lora']['wall_s']:.2f} | {summary['lora']['cpu_s']:.2f} | 1.00× | 1.00× |\n"
+          f"| masked (W⊙M + s·(BA)⊙M) | {summary['masked']['wall_s']:.2f} | {summary['masked']['cpu_s']:.2f} | "
+          f"{summary['masked']['wall_vs_lora']:.2f}× | {summary['masked']['cpu_vs_lora']:.2f}× |\n")
+    (out / "masked_cost.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
