@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     t = dt.total
     lines += ["", f"**Default mode, 1 vs 2 ranks: {dt.verdict}** — masks differ in {len(dt.hash_mismatches)} "
               f"matrices, {t.differing:,} of {t.entries:,} entries ({t.fraction:.3g}), IoU of kept sets "
-              f"{t.iou:.6f}; max relative loss difference {dt.loss_rel_max:.3g} (step 1: {dt.first_loss_rel:.3g})."
+              f"{t.iou:.6f}; max relative loss difference {dt.loss_rel_max:.3g} (before the first prune step: {dt.pre_prune_loss_rel:.3g})."
               if t else f"**Default mode, 1 vs 2 ranks: {dt.verdict}**",
               "", f"**Reproducible mode, {' vs '.join(labels)}: {rep.verdict}** — "
               + "; ".join(f"{c.label}: {c.verdict}, losses bit-equal {c.losses_equal}, "

@@ -18,7 +18,7 @@ def render_markdown(rep: ReproReport) -> str:
     runs, ref = rep.runs, rep.runs[0]
     lines = ["# Reproducibility report", "", f"**Verdict: {rep.verdict}** (every run against `{ref.label}`)", "",
              "| run | world size | matrices | verdict | matrices differing | entries differing | fraction "
-             "| IoU kept | max rel. Δloss | step-1 rel. Δloss |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| IoU kept | max rel. Δloss | before 1st prune |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| {ref.label} | {ref.manifest.get('world_size', '?')} | {len(ref.masks)} | reference "
                  "| — | — | — | — | — | — |")
     for r, c in zip(runs[1:], rep.comparisons):
@@ -28,7 +28,7 @@ def render_markdown(rep: ReproReport) -> str:
         iou = "—" if t is None else f"{t.iou:.6f}"
         lines.append(f"| {r.label} | {r.manifest.get('world_size', '?')} | {len(r.masks)} | {c.verdict} "
                      f"| {len(c.hash_mismatches)} | {ent} | {frac} | {iou} | {_fmt(c.loss_rel_max)} "
-                     f"| {_fmt(c.first_loss_rel)} |")
+                     f"| {_fmt(c.pre_prune_loss_rel)} |")
     lines += ["", "Thresholds for \"within float noise\" (see xpert_dist/launch/repro.py): "
               + ", ".join(f"{k} ≤ {v:g}" for k, v in THRESHOLDS.items()) + "."]
     if rep.masks_identical:
