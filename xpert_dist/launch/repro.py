@@ -15,9 +15,10 @@ The verdict is ``identical`` (every mask hash, every step's loss and every metri
 ``within float noise`` (every threshold below holds) or ``different``. What separates float noise
 from a real change is the loss *before the first mask decision*: the same data and weights in
 another reduction order agree there to ~1e-7 (measured: tiny Llama 1 vs 2 ranks 1.7e-7, SmolLM2
-1 process vs 2 ranks 0 at step 1 and 2e-7 at step 2, issue 13 ~1e-7), while other data or another
-global batch are ~1e-2 apart from step 1. A prune step then turns that noise into mask flips near
-the threshold, and the flips change the later losses: measured SmolLM2 (4 steps, prune after step
+1 process vs 2 ranks 0 at step 1 and 2e-7 at step 2, issue 13 ~1e-7), while other rows give
+other losses (SmolLM2's steps 1 and 2 of one run, on different rows: 3.359 vs 2.941, 12% apart).
+A prune step then turns that noise into mask flips near the threshold, and the flips change the
+later losses: measured SmolLM2 (4 steps, prune after step
 2, 4 calibration windows, bench/results/repro_cost.md) 162,298 of 106M entries (1.5e-3, IoU
 0.9975), later losses 7e-4 and perplexity 1.7% apart; issue 13 (128 calibration windows) 4,384
 entries (4.1e-5) and 1.5e-4. The thresholds after the first prune step bound that amplification
