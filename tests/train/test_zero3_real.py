@@ -56,7 +56,7 @@ def _single_process_digests(model_cfg: dict) -> dict[str, str]:
     return param_digests(model, lambda _ps: contextlib.nullcontext())
 
 
-def _check_partitioned_load(model_cfg: dict, timeout: float):
+def _check_partitioned_load(model_cfg: dict, timeout: float, partitioned: bool):
     from tests.distributed.harness import ok, run_ranks
     from tests.distributed.zero3_load_workers import load_partitioned
 
@@ -64,17 +64,19 @@ def _check_partitioned_load(model_cfg: dict, timeout: float):
     want = _single_process_digests(model_cfg)
     for rank, r in res.items():
         assert r["inside"] is True and r["after"] is False, (rank, r["inside"], r["after"])
-        assert r["partitioned"], f"rank {rank}: some parameters were not partitioned by zero.Init"
+        assert r["partitioned"] is partitioned, f"rank {rank}: partitioned at load: {r['partitioned']}"
         assert r["digests"] == want, f"rank {rank}: gathered weights differ from the single-process load"
     assert res[0]["built_alone"] is True
 
 
 def test_partitioned_load_equals_single_process(random_llama):
-    _check_partitioned_load({"name_or_path": str(random_llama)}, timeout=180)
+    _check_partitioned_load({"name_or_path": str(random_llama)}, timeout=180, partitioned=True)
 
 
 def test_partitioned_load_smollm2_gguf():
-    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300)
+    """transformers dequantises a GGUF file into a plain model: zero.Init does not apply to it (each rank
+    holds the full model until deepspeed.initialize partitions it); the weights must still be exact."""
+    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300, partitioned=False)
 
 
 def _env():
