@@ -138,6 +138,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     bar = tqdm(total=total, initial=step, desc="train", disable=not (progress and rank == 0))
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
+            ctx.phase(f"prune step before optimizer step {step + 1}")
             c0 = time.process_time()
             distiller = distiller or distill.attach(model, cfg.prune)
             prune_seconds += pruner.step(model, data.calib_ids, prune_at[step],
@@ -145,6 +146,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
             if cfg.prune.adapter_reset:  # A re-initialised, B = 0, their optimizer moments zeroed
                 reset_adapters(model, engine, ctx, seed=cfg.train.seed * 1_000_003 + step)
             prune_cpu += time.process_time() - c0
+        ctx.phase(f"training step {step + 1}")
         epoch, in_epoch = divmod(step, spe)
         order = epoch_order(len(data), epoch, cfg.train.seed)
         batch = micro_batches(data, order, in_epoch, cfg, rank, world)
@@ -168,6 +170,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     # final prune step: no EMA, no PBS; Wanda-then-LoRA re-applies its original mask after merging;
     # a mask that was final before only has its exact sparsity verified (the adapter trained masked)
+    ctx.phase("final prune")
     if cfg.prune.method != "none" and plan.mask_final_at is not None:
         c0 = time.process_time()
         prune_seconds += pruner.verify(model, cfg.prune.sparsity).seconds
@@ -199,6 +202,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 def export_run(cfg, model, tokenizer, pruner, ctx, history, plan, timing, rank, world, marks=None) -> dict:
     """Merge, check sparsity, export (checkpoint, masks, adapter); returns the results without metrics."""
     out = Path(cfg.output_dir)
+    ctx.phase("export: merging (every rank gathers)")
     sd = export.merged_state_dict(model, ctx)
     expected = {n: cfg.prune.sparsity for n in pruner.masks} if cfg.prune.pattern == "unstructured" \
         and cfg.prune.allocation == "uniform" else None
@@ -207,37 +211,47 @@ def export_run(cfg, model, tokenizer, pruner, ctx, history, plan, timing, rank, 
                "loss_history": history, "prune_steps": list(plan.steps), "sparsity": sparsity,
                "prune_reports": [r.__dict__ for r in pruner.reports], "timing": timing,
                "memory": memory_marks({**(marks or {}), "export_merge": peak_rss_mb()})}
-    if rank == 0:
-        export.save_hf_checkpoint(sd, model, tokenizer, out / "model")
-        if pruner.masks:
-            export.save_masks(pruner.masks, out / "masks.safetensors")
+    with ctx.one_rank("export: writing the checkpoint"):  # rank 0 only: no collective may run inside
+        if rank == 0:
+            export.save_hf_checkpoint(sd, model, tokenizer, out / "model")
+            if pruner.masks:
+                export.save_masks(pruner.masks, out / "masks.safetensors")
+    ctx.wait_for("export: writing the checkpoint")
     if cfg.train.keep_adapter:
+        ctx.phase("export: adapter (every rank gathers)")
         export.save_adapter(model, ctx, out / "adapter")
     del sd
-    ctx.barrier()
+    ctx.barrier(after="export")
     return results
 
 
 def evaluate_and_record(cfg, results, tokenizer, pruner, ctx, data, history, rank) -> dict:
     """Evaluate the exported model (rank 0), write results.json, the manifest and the report."""
     out = Path(cfg.output_dir)
-    if rank == 0:
-        results["metrics"] = evaluate_export(cfg, out / "model", tokenizer)
-        from ..eval.reference import references  # base model (cached) and dense-LoRA run, for the report
-
-        results["reference"] = references(cfg, tokenizer)
-        results["final_loss"] = history[-1][1] if history else None
-        atomic_write_json(out / "results.json", results)
-        manifest.write(out, cfg, results, pruner, data.sha256)
-        try:
-            from ..report.markdown import write_run_report
-
-            write_run_report(out)
-        except ImportError:  # report package optional at import time
-            pass
-        log.info("run %s finished: report %s", cfg.name, out / "report.md")
-    ctx.barrier()
+    # rank 0 only, and it may outlast the collective timeout: the others wait on its heartbeat
+    with ctx.one_rank("evaluation and report"):
+        if rank == 0:
+            _evaluate_and_write(cfg, results, tokenizer, pruner, data, history, out)
+    ctx.wait_for("evaluation and report")
     return results
+
+
+def _evaluate_and_write(cfg, results, tokenizer, pruner, data, history, out: Path) -> None:
+    """Rank 0: evaluate the exported checkpoint, write results.json, the manifest and the report."""
+    results["metrics"] = evaluate_export(cfg, out / "model", tokenizer)
+    from ..eval.reference import references  # base model (cached) and dense-LoRA run, for the report
+
+    results["reference"] = references(cfg, tokenizer)
+    results["final_loss"] = history[-1][1] if history else None
+    atomic_write_json(out / "results.json", results)
+    manifest.write(out, cfg, results, pruner, data.sha256)
+    try:
+        from ..report.markdown import write_run_report
+
+        write_run_report(out)
+    except ImportError:  # report package optional at import time
+        pass
+    log.info("run %s finished: report %s", cfg.name, out / "report.md")
 
 
 def evaluate_export(cfg: RunConfig, model_dir: Path, tokenizer) -> dict:
