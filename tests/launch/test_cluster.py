@@ -112,3 +112,12 @@ def test_sweep_goes_out_as_one_array_per_layout(tmp_path, monkeypatch):
     assert [j.job_id for j in jobs] == ["7_0", "7_1", "7_2", "7_3"]
     assert len({id(ex) for ex, _ in submitted}) == 1  # one executor, one batch = one array
     assert [fn.config["output_dir"] for _, fn in submitted] == [p.output_dir for p in plans]
+
+
+def test_unquoted_time_in_settings_file_is_a_duration(tmp_path):
+    """YAML 1.1 reads an unquoted 1:30:00 as the base-60 number 5400; the settings file must not."""
+    from xpert_dist.launch.cluster import load_settings
+
+    f = tmp_path / "slurm.yaml"
+    f.write_text("slurm:\n  time: 1:30:00\n")
+    assert load_settings(f).timeout_min == 90

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from ..config import yaml_load
 from ..errors import ConfigError
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -157,7 +158,7 @@ def load_settings(path: str | Path | None = None, config_path: str | Path | None
         if not file.is_file():
             raise ConfigError(f"cluster settings file {file} does not exist")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml_load(file.read_text()) or {}  # no YAML 1.1 base-60: time: 1:30:00 stays a duration
         except yaml.YAMLError as e:
             raise ConfigError(f"cluster settings file {file} is not valid YAML: {e}") from e
     settings = settings_from_dict(data, source=str(file) if file else "slurm settings")
