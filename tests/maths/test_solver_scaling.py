@@ -2,7 +2,8 @@
 
 * ``pbs_full(support="dense")`` computes ``A·H`` first (``r·in²`` flops) instead of ``(U⊙P)·H``
   (``out·in²``); the previous expression is recomputed here in float64 as the oracle.
-* PBS's symmetry check compares row blocks (no full ``H − Hᵀ`` temporary).
+* PBS's symmetry check compares tiles (no full ``H − Hᵀ`` temporary);
+* ``check_finite`` decides from the sum first (exact: a non-finite sum falls back to the entrywise test).
 * SparseGPT's ``H⁻¹`` Cholesky factor is built from one private copy with the damping added in place
   (no identity, no ``H + damp·I``); the previous ``cholesky(cholesky_inverse(cholesky(H + damp·I)))``
   is the oracle, and must match bit for bit (same matrix into the same LAPACK calls).
@@ -51,15 +52,16 @@ def test_pbs_full_dense_reassociated_matches_previous_formula(shape, lam):
     assert torch.allclose(got32.double(), ref, rtol=2e-3, atol=2e-4 * float(ref.abs().max()))
 
 
-def test_blockwise_symmetry_check_matches_dense_check():
+@pytest.mark.parametrize("block", [3, 7, 50, 512])
+def test_tiled_symmetry_check_matches_dense_check(block):
     _, _, _, H = _problem(4, 50, seed=3)
-    assert pbs_mod._is_symmetric(H, block=7)
+    assert pbs_mod._is_symmetric(H, block=block)
     tol = 1e-6 * float(H.abs().max())
-    for i, j, eps in ((3, 41, 3.0), (49, 0, 3.0), (10, 11, 0.5)):  # above / below the tolerance
+    for i, j, eps in ((3, 41, 3.0), (49, 0, 3.0), (10, 11, 0.5), (48, 49, 2.0), (0, 1, 0.9)):  # above / below tol
         B = H.clone()
         B[i, j] += eps * tol
         dense = float((B - B.t()).abs().max()) <= tol
-        assert pbs_mod._is_symmetric(B, block=7) == dense
+        assert pbs_mod._is_symmetric(B, block=block) == dense
     U, A, keep, _ = _problem(4, 50, seed=3)
     B = H.clone()
     B[3, 41] += 3.0 * tol
@@ -98,3 +100,22 @@ def test_sparsegpt_prune_float32_close_to_float64():
     assert agree > 0.97
     both = k32 & k64
     assert torch.allclose(W32.double()[both], W64[both], rtol=1e-2, atol=1e-3 * float(W64.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_check_finite_fast_path_is_exact(dtype):
+    from xpert_dist.maths.scores import check_finite
+
+    big = torch.finfo(dtype).max / 2
+    check_finite("x", torch.full((5, 3), big, dtype=dtype))  # finite entries whose sum overflows: no error
+    check_finite("x", torch.randn(4, 4).to(dtype))
+    for bad, counts in ((float("nan"), "1 NaN, 0 inf"), (float("inf"), "0 NaN, 1 inf"), (-float("inf"), "0 NaN, 1 inf")):
+        t = torch.full((5, 3), big, dtype=dtype)
+        t[4, 2] = bad
+        with pytest.raises(StatisticsError, match=counts):
+            check_finite("x", t)
+    t = torch.zeros(6, dtype=dtype)
+    t[1], t[4] = float("inf"), -float("inf")  # the sum is NaN, the entries are two infinities
+    with pytest.raises(StatisticsError, match="0 NaN, 2 inf"):
+        check_finite("x", t)
+    check_finite("x", torch.zeros(0, dtype=dtype))
