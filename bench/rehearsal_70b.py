@@ -93,7 +93,14 @@ def _micro_inputs(out_f: int, in_f: int, r: int, n_tok: int, seed: int = 0):
     return X, W, A
 
 
-def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: int = 256) -> dict:
+def micro_rows(part: str, out_f: int, rows: int | None) -> int:
+    """Rows of W built and timed: all, or a slice (the previous PBS formula: 256) when memory is short;
+    the time is then scaled by ``out_f / rows`` (exact for the parts linear in rows, an upper bound for
+    ``pbs_full``, whose ``A·H`` does not depend on them)."""
+    return min(out_f, rows or (256 if part == "pbs_full_old" else out_f))
+
+
+def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, rows: int | None = None) -> dict:
     """Time one part for one matrix in this process (run in a fresh subprocess by ``micro``)."""
     import torch
 
@@ -102,7 +109,8 @@ def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: i
 
     torch.set_num_threads(int(os.environ.get("REHEARSAL_THREADS", "1")))
     out_f, in_f = MATRICES[matrix]
-    X, W, A = _micro_inputs(out_f, in_f, r, n_tok)
+    rows = micro_rows(part, out_f, rows)
+    X, W, A = _micro_inputs(rows, in_f, r, n_tok)
     t0, c0 = time.perf_counter(), time.process_time()
     H = accumulate(X, "full", torch.float32, None)  # the statistic as the pipeline accumulates it
     stat_s, stat_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -115,7 +123,6 @@ def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: i
         del aw
     reset_peak()
     rss0 = rss_bytes()
-    rows = out_f
     t0, c0 = time.perf_counter(), time.process_time()
     if part == "statistics":
         sec, cpu = stat_s, stat_cpu
@@ -128,8 +135,7 @@ def micro_part(matrix: str, part: str, n_tok: int = 512, r: int = 8, old_rows: i
     elif part == "pbs_full":
         dB = pbs.pbs_full(W, A, keep, H, 2.0, support="dense")
     elif part == "pbs_full_old":  # the previous formula on a row slice (cost is linear in rows)
-        rows = min(old_rows, out_f)
-        Ws, ks = W[:rows], keep[:rows]
+        Ws, ks = W, keep
         Hu = (Ws * (~ks).float()) @ H
         G = 4.0 * (A @ H @ A.t()) + 1e-8 * torch.eye(r)
         dB = torch.linalg.solve(G, (2.0 * (Hu @ A.t())).t()).t()
@@ -154,7 +160,7 @@ def micro_peak_bytes(part: str, out_f: int, in_f: int) -> float:
     """Rough peak of one micro part (H, W and the part's largest temporaries), to decide whether it may run."""
     base = 4.0 * (in_f * in_f + out_f * in_f)
     extra = {"sparsegpt": 4.0 * (2 * in_f * in_f + 2 * out_f * in_f), "mask": 4.0 * 4 * out_f * in_f,
-             "pbs_full": 4.0 * 2 * out_f * in_f + in_f * in_f, "pbs_diagonal": 4.0 * 2 * out_f * in_f}.get(part, 4.0 * out_f * in_f)
+             "pbs_full": 4.0 * 2 * out_f * in_f, "pbs_diagonal": 4.0 * 2 * out_f * in_f}.get(part, 4.0 * out_f * in_f)
     return base + extra + 0.5 * GiB
 
 
@@ -164,24 +170,26 @@ def mem_available() -> int:
     return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
 
 
-def micro(matrices, parts, fresh=False) -> list[dict]:
+def micro(matrices, parts, fresh=False, rows: int | None = None) -> list[dict]:
     out = []
     for mname in matrices:
         for part in parts:
-            key = f"rh70-micro-{mname}-{part}"
+            o_f, i_f = MATRICES[mname]
+            n_rows = micro_rows(part, o_f, rows)
+            key = f"rh70-micro-{mname}-{part}" + (f"-rows{n_rows}" if rows and n_rows != o_f and part != "pbs_full_old" else "")
             path = CACHE / f"{key}.json"
             if path.is_file() and not fresh:
                 out.append(json.loads(path.read_text()))
                 print(f"[cached] {key}", flush=True)
                 continue
-            need = micro_peak_bytes(part, *MATRICES[mname]) + 3 * GiB  # 3 GiB headroom: the machine is shared
+            need = micro_peak_bytes(part, n_rows, i_f) + 3 * GiB  # 3 GiB headroom: the machine is shared
             if mem_available() < need:
                 print(f"[skipped: memory] {key}: needs ~{need / GiB:.1f} GiB incl. 3 GiB headroom, "
                       f"{mem_available() / GiB:.1f} GiB available", flush=True)
                 continue
             env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             t0 = time.time()
-            p = subprocess.run([sys.executable, __file__, "_micro_part", mname, part], env=env,
+            p = subprocess.run([sys.executable, __file__, "_micro_part", mname, part, str(n_rows)], env=env,
                                capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"[failed] {key}: {p.stderr[-2000:]}", flush=True)
@@ -612,6 +620,10 @@ def write(res: dict) -> None:
         gf = m.get("gflops_per_s")
         L.append(f"| {m['matrix']} {m['shape'][0]}x{m['shape'][1]} | {m['part']} | {_fmt_s(m['cpu_seconds_full_rows'])} | "
                  f"{m['flops']:.3g} | {'–' if not gf else f'{gf:.2f}'} | {m['peak_rss_bytes'] / GiB:.2f} | {note} |")
+    L += ["", "Row slices: the time is scaled by out/rows (exact for parts linear in rows; an upper bound for "
+          "pbs_full, whose A·H term does not grow with rows). pbs_full_old is the formula before commit bb03721, "
+          "(U⊙P)·H. The pbs_full rows were measured after commit 525bf30 (check_finite from the sum, tiled "
+          "symmetry check).", ""]
     L += ["", "## Blocks under DeepSpeed ZeRO-3 (2 gloo ranks): measured peak RSS vs `xpert_dist.plan`", "",
           "| shape (h / I / heads q:kv) | layers | phase | measured MiB (max rank) | predicted MiB | error % |",
           "|---|---|---|---|---|---|"]
@@ -622,7 +634,9 @@ def write(res: dict) -> None:
         for r in c["comparison"]:
             L.append(f"| {desc} | {c['cell']['layers']} | {r['phase']} | {r['measured_bytes'] / MiB:.0f} | "
                      f"{r['predicted_bytes'] / MiB:.0f} | {r['err_pct']:+.1f} |")
-    L += ["", "Per-part time of the prune steps (rank 0 / rank 1, CPU s where recorded, else wall s):", ""]
+    L += ["", "Per-part time of the prune steps (rank 0 / rank 1, CPU s where recorded, else wall s; these cells ran "
+          "before commit 525bf30, so their PBS solve times include the entrywise finiteness and strided symmetry "
+          "checks that commit made cheaper):", ""]
     for c in res["harness"]:
         for ph, d in c["prune"].items():
             by = d["parts_cpu_seconds_by_rank"] if d["parts_cpu_seconds_by_rank"][0] else d["parts_seconds_by_rank"]
@@ -695,6 +709,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("micro")
     m.add_argument("--matrices", nargs="*", default=list(MATRICES))
     m.add_argument("--parts", nargs="*", default=list(PARTS))
+    m.add_argument("--rows", type=int, default=None, help="build and time this many rows of W (scaled)")
     m.add_argument("--fresh", action="store_true")
     h = sub.add_parser("harness")
     h.add_argument("--shape", default="70b-quarter", choices=list(SHAPES))
@@ -714,9 +729,10 @@ def main(argv=None) -> int:
     mp = sub.add_parser("_micro_part")
     mp.add_argument("matrix")
     mp.add_argument("part")
+    mp.add_argument("rows", type=int, nargs="?", default=None)
     args = ap.parse_args(argv)
     if args.cmd == "_micro_part":
-        print(json.dumps(micro_part(args.matrix, args.part)))
+        print(json.dumps(micro_part(args.matrix, args.part, rows=args.rows)))
         return 0
     if args.cmd == "harness":
         harness(args.shape, args.layers, args.seq_len, args.calib_samples, args.steps, args.prune_runs,
@@ -731,7 +747,7 @@ def main(argv=None) -> int:
         print((RESULTS / "rehearsal_70b.md").read_text())
         return 0
     if args.cmd == "micro":
-        micro(args.matrices, args.parts, fresh=args.fresh)
+        micro(args.matrices, args.parts, fresh=args.fresh, rows=args.rows)
         return 0
     return 2
 
