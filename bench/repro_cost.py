@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     dt = default.comparisons[0]
     lines = ["# Reproducibility mode: cost and effect (SmolLM2-135M, local processes)", "",
              f"Config: `configs/default_health.yaml` + `{' '.join(overrides(args.steps))}`; "
-             "one run at a time on a shared 2-core machine; train time excludes prune steps.", "",
+             "one run at a time (of this bench) on a 2-core machine shared with other jobs (load average 10-20 while "
+             "it ran), so wall times are noise and the CPU time (process time of rank 0, all its threads) is the "
+             "measure; train time excludes prune steps.", "",
              "| run | ranks | train s | train CPU s | prune s | final loss |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['world_size']} | {r['train_s']:.1f} | {r['train_cpu_s']:.1f} | {r['prune_s']:.1f} "
               f"| {r['final_loss']!r} |" for r in rows]
