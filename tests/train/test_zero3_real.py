@@ -8,7 +8,8 @@
   calibration batch (the embedding gather must still be joined by every rank);
 * the packaged SmolLM2 (GGUF) end to end through the real entry point, with the deepspeed launcher
   on 1 process and torchrun on 2: the export reloads with plain transformers, its sparsity is
-  exact, and masks and perplexity match a single-process run with the same global batch.
+  exact, and masks and perplexity match a single-process run with the same global batch
+  (float noise as launchers/repro.py defines it; perplexity within 1%).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from helpers import REPO, free_port
+from xpert_dist.launch.repro import MASK_FRACTION_NOISE, PRE_PRUNE_LOSS_REL_NOISE
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +148,11 @@ def test_zero3_smollm2_end_to_end(tmp_path):
         res = _run(launcher, world, out, common)
         assert res["world_size"] == world
         masks = _exported_masks(out, 0.4)
+        # "match" as launchers/repro.py defines float noise across world sizes: the first step's loss
+        # (before any prune step) agrees to 1e-5 relative, masks differ in at most 1% of entries
+        first, ref_first = res["loss_history"][0][1], ref["loss_history"][0][1]
+        assert abs(first / ref_first - 1) <= PRE_PRUNE_LOSS_REL_NOISE, (launcher, world, first, ref_first)
         frac = _differing_fraction(ref_masks, masks)
-        assert frac <= 1e-3, f"{launcher} x{world}: {frac:.2e} of mask entries differ from the single process"
+        assert frac <= MASK_FRACTION_NOISE, f"{launcher} x{world}: {frac:.2e} of mask entries differ from the single process"
         ppl, ref_ppl = res["metrics"]["perplexity"], ref["metrics"]["perplexity"]
         assert abs(ppl / ref_ppl - 1) <= 0.01, f"{launcher} x{world}: perplexity {ppl} vs {ref_ppl}"
