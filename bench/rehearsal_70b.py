@@ -584,6 +584,18 @@ def report() -> dict:
                                 for k in ("seconds_per_step", "cpu_seconds_per_step")},
                       "prune": parts, "baseline_bytes": max(r["baseline"] for r in rec["ranks"])})
     pipes = [{k: v for k, v in r.items() if k not in ("log_tail", "command", "loss_history")} for r in pipe_recs]
+    for p_ in pipes:  # the run's peak (rank 0's high-water mark over all phases) against the planner's max of steps
+        if p_.get("rc") != 0 or not p_.get("memory"):
+            continue
+        c = dict(kind="pipeline", shape=p_["shape"], layers=p_["layers"], world=2, seq_len=64, micro_batch=1,
+                 calib_samples=4, calib_batch=2, steps=3)  # calibration forwards use train.batch_size rows
+        pr = predict(c)
+        prune_key = "sparsegpt" if p_["method"] == "sparsegpt" else "foresight_pbs_full"
+        # training after the in-loop prune step runs with the masked adapter (prune.mask_final=last_inloop)
+        pred = max(pr["train_with_masked_adapter"], pr[prune_key])
+        meas = p_["memory"]["peak_rss_mb"] * MiB
+        p_["planner_peak_bytes"] = pred
+        p_["planner_err_pct"] = 100.0 * (pred - meas) / meas
     from xpert_dist.data import sources  # noqa: F401  (token count below is recorded, not recomputed)
     ext = extrapolate(n_train_tokens=HEALTH_TOKENS)
     not_run = {}
@@ -651,14 +663,15 @@ def write(res: dict) -> None:
                      f"{_fmt_s(d['cpu_seconds_max_rank'] or d['seconds_max_rank'])}): "
                      + "; ".join(f"{k} {' / '.join(_fmt_s(b.get(k, 0.0)) for b in by)}" for k in keys))
     L += ["", "## The real entry point (torchrun, 2 ranks, `launchers/run.py --ds_config ds_configs/zero3.json`)", "",
-          "| run | rc | wall s | train s (CPU s) | prune s (CPU s) | peak RSS MiB (rank 0) | export | perplexity |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| run | rc | wall s | train s (CPU s) | prune s (CPU s) | peak RSS MiB (rank 0) | planner MiB (error) | export | perplexity |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for p_ in res["pipeline"]:
         t = p_.get("timing") or {}
         mem = (p_.get("memory") or {}).get("peak_rss_mb")
         L.append(f"| {p_['key']} | {p_['rc']} | {p_['wall_s']:.0f} | {_fmt_s(t.get('train_s'))} ({_fmt_s(t.get('train_cpu_s'))}) | "
                  f"{_fmt_s(t.get('prune_s'))} ({_fmt_s(t.get('prune_cpu_s'))}) | {_fmt_s(mem)} | "
-                 f"{', '.join(p_.get('exported') or [])} | {_fmt_s((p_.get('metrics') or {}).get('perplexity'))} |")
+                 + (f"{p_['planner_peak_bytes'] / MiB:.0f} ({p_['planner_err_pct']:+.1f}%) | " if "planner_peak_bytes" in p_ else "– | ")
+                 + f"{', '.join(p_.get('exported') or [])} | {_fmt_s((p_.get('metrics') or {}).get('perplexity'))} |")
     L += ["", "## What did not run here, and why", ""]
     for sh, pr in res["not_run"].items():
         L.append(f"- harness cell `{sh}` (1 block, 2 ranks): the planner predicts "
