@@ -697,12 +697,13 @@ def write(res: dict) -> None:
             "PBS full dense solve, previous (U⊙P)·H (down_proj owner)": fl["PBS full dense previous (down_proj)"],
             "SparseGPT solve (down_proj owner)": fl["SparseGPT (down_proj)"]}
     for k, v in e["per_block_seconds"].items():
-        L.append(f"| {k} | {fmap.get(k, float('nan')):.3g} | {v:.3g} |")
+        L.append(f"| {k} | {('%.3g' % fmap[k]) if k in fmap else '– (bytes, see assumptions)'} | {v:.3g} |")
     tr = e["training"]
     L += ["", f"One prune step of all 80 blocks: **{e['prune_step_s']['pbs full (statistics full)']:.0f} s** with "
           f"full-Hessian PBS (the reduction of each block's 3.3 GB down_proj XᵀX into its owner dominates), "
           f"**{e['prune_step_s']['pbs diagonal / final step (statistics diag)']:.1f} s** with diagonal PBS / the final step.",
-          "", f"Training with configs/llama70b_health.yaml on the shipped health data: {tr['train_tokens']:,} tokens -> "
+          "", f"Training with configs/llama70b_health.yaml on the shipped health data: {tr['train_tokens']:,} tokens "
+          "(SmolLM2 tokenizer; Llama-2's is not available offline) -> "
           f"{tr['rows']} rows of {e['seq_len']}, global batch {tr['global_batch']} -> {tr['steps_per_epoch']} step(s) per "
           f"epoch x {tr['epochs']} epochs = {tr['total_steps']} optimizer steps of {tr['step_s']:.1f} s "
           f"({tr['flops_per_token']:.3g} FLOPs/token); in-loop prune steps before steps {tr['inloop_prune_steps']}, "
