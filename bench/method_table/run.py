@@ -122,6 +122,13 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
     with open(log, "a") as f:  # appended: a resumed cell keeps the log of its earlier sittings
         rc = subprocess.call(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
                              env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    if rc != 0 and "was written by a different run config" in log.read_text()[-4000:] and (out / "checkpoints").is_dir():
+        # the code's config grew fields since this cell checkpointed: its checkpoint cannot resume, start afresh
+        import shutil
+
+        print(f"[method_table] {name}: checkpoint from another config version, restarting the cell", flush=True)
+        shutil.rmtree(out)
+        return launch(name, out, domain, overrides, cache)
     if rc != 0:
         print(f"[method_table] {name} failed (rc {rc}); see {log}", flush=True)
         return None
@@ -321,6 +328,9 @@ def main() -> int:
     for res_file in sorted(CACHE.glob("*/results.json")):  # include cells of this budget from earlier sittings
         if res_file.parent.name not in cells:
             cells[res_file.parent.name] = current_evaluation(res_file.parent)
+    if not cells:  # nothing finished at this budget: keep the recorded table of the previous one
+        print("[method_table] no finished cell at this budget; bench/results/method_table.* left as they are")
+        return 0
     table = summarise(cells)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
