@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,38 @@ def wait_job(job_id: str, timeout: float) -> str:
         return sbatch.wait(job_id, timeout)
     except TimeoutError as e:
         raise AssertionError(str(e)) from None
+
+
+class RunClock:
+    """Seconds a job has spent out of the PENDING state so far: on a shared machine a job may wait
+    in the queue behind other jobs, which should not count against a test's time limit."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id, self.ran, self.last = str(job_id), 0.0, time.monotonic()
+
+    def __call__(self) -> float:
+        from xpert_dist.launch import sbatch
+
+        now = time.monotonic()
+        if sbatch.queue_state(self.job_id) not in ("PENDING", ""):
+            self.ran += now - self.last
+        self.last = now
+        return self.ran
+
+
+def wait_for_markers(job_id: str, markers: list[Path], log: Path, run_timeout: float = 180,
+                     queue_timeout: float = 1200) -> None:
+    """Wait until every file in ``markers`` exists (the job's ranks reached a fault point); only
+    running time counts against ``run_timeout`` (`RunClock`), ``queue_timeout`` bounds the whole wait."""
+    from xpert_dist.launch import sbatch
+
+    clock, hard = RunClock(job_id), time.monotonic() + queue_timeout
+    tail = lambda: log.read_text()[-3000:] if log.exists() else "(no log yet)"  # noqa: E731
+    while not all(m.exists() for m in markers):
+        assert sbatch.queue_state(job_id), f"job {job_id} ended before the fault point:\n{tail()}"
+        assert clock() < run_timeout and time.monotonic() < hard, \
+            f"job {job_id} did not reach the fault point in {run_timeout} s of running:\n{tail()}"
+        time.sleep(0.25)
 
 
 def python_env() -> dict:

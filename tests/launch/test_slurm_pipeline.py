@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, python_env, tiny_config, wait_job, write_config
+from .conftest import REPO, RunClock, python_env, tiny_config, wait_for_markers, wait_job, write_config
 
 GLOBAL_BATCH = 4  # train.batch_size: rows per optimizer step, all ranks together
 RANKS = 2
@@ -90,13 +90,8 @@ def test_preempted_job_requeues_and_resumes_with_identical_masks(reference_runs,
     env.update(XPERT_FAULT_PAUSE_AT_POLL="4", XPERT_FAULT_DIR=str(fault), XPERT_FAULT_PAUSE_TIMEOUT="120")
     log = tmp_path / "preempted.out"
     job = sbatch(reference_runs["config"], log, env, f"output_dir={out_dir}")
-    markers = [fault / f"paused.rank{r}" for r in range(RANKS)]
-    deadline = time.monotonic() + 180
-    while not all(m.exists() for m in markers):  # every rank is inside step 4's stop poll
-        assert time.monotonic() < deadline, f"job {job} never reached step 4:\n{log.read_text()[-3000:]}"
-        st = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-        assert st, f"job {job} ended before the preemption:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
+    # every rank is inside step 4's stop poll (time queued behind other jobs does not count)
+    wait_for_markers(job, [fault / f"paused.rank{r}" for r in range(RANKS)], log, run_timeout=180)
     # what SLURM does --signal=USR1@N before the time limit: USR1 to every rank
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     state = wait_job(job, timeout=300)
@@ -124,9 +119,9 @@ def test_submitit_pipeline_job_preempted_resumes(reference_runs, tmp_path, monke
     plans = submission.plan_run(str(reference_runs["config"]), [
         f"output_dir={tmp_path / 'run'}"], settings)
     (job,) = submission.submit_plans(plans, "slurm", str(tmp_path / "submitit" / "%j"))
-    deadline = time.monotonic() + 180
+    clock = RunClock(job.job_id)  # time queued behind other jobs does not count
     while not (fault / "paused.rank0").exists():
-        assert time.monotonic() < deadline and not job.done(), job.paths.stderr
+        assert clock() < 180 and not job.done(), job.paths.stderr
         time.sleep(0.5)
     job._interrupt()  # noqa: SLF001 - preemption: TERM, then submitit's USR2
     (out,) = submission.wait_plans(plans, [job], timeout_s=300)
