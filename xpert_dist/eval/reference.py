@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import ConfigError
 from ..utils.atomic import atomic_write_json
+from ..utils.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,7 @@ def base_metrics(cfg: RunConfig, tokenizer) -> dict:
 
 def dense_lora_reference(run_dir: str | Path) -> dict:
     """``{"run": dir, "name": ..., "method": ..., "metrics": {...}}`` from a finished run's results.json."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise ConfigError(f"eval.reference_run={run_dir}: no results.json there (not a finished run)")
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"eval.reference_run: {path} is not valid JSON: {e}") from e
+    res = read_json(Path(run_dir) / "results.json", f"eval.reference_run={run_dir}: results file")
     method = (res.get("config") or {}).get("prune", {}).get("method")
     if method not in (None, "none"):
         log.warning("eval.reference_run %s is a prune.method=%s run, not dense LoRA", run_dir, method)

@@ -11,13 +11,13 @@ Schema of ``results.json`` (only ``name`` is required; the rest default to empty
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from ..config import LLAMA_LINEARS
 from ..errors import ConfigError
+from ..utils.jsonfile import read_json
 from ..utils.atomic import atomic_write_bytes as _atomic_bytes
 
 RESULTS_FILE = "results.json"
@@ -28,12 +28,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def load_results(run_dir: str | Path) -> dict:
     """The validated contents of ``run_dir/results.json`` with every optional key filled in."""
     path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise ConfigError(f"run results file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"run results file {path} is not valid JSON: {e}") from e
+    data = read_json(path, "run results file")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise ConfigError(f"run results file {path} needs an object with a string 'name'")
     for key in _DICT_KEYS:
