@@ -30,13 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..config import EvalConfig, RunConfig
 from ..errors import ConfigError
 from ..eval.retention import retention
+from ..prune.maskstore import pack_mask, unpack_mask
 from ..prune.pruner import mask_sha256
 from ..report import plots as rplots
 from ..report.results import atomic_write_text, fmt_value, md_table
@@ -82,17 +82,12 @@ def parse_tasks(text: str | None, targets: list[str]) -> dict[str, list[str]]:
 
 
 def pack_masks(masks: dict[str, torch.Tensor]) -> dict:
-    return {n: {"shape": list(m.shape), "bits": torch.from_numpy(np.packbits(m.cpu().numpy().ravel()))}
-            for n, m in masks.items()}
+    """The masks in the MaskStore's packed layout, as tensors ``torch.save`` can cache."""
+    return {n: {"shape": list(m.shape), "bits": torch.from_numpy(pack_mask(m)[0])} for n, m in masks.items()}
 
 
 def unpack_masks(packed: dict) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, v in packed.items():
-        numel = int(np.prod(v["shape"]))
-        bits = np.unpackbits(v["bits"].numpy())[:numel].astype(bool)
-        out[n] = torch.from_numpy(bits).reshape(v["shape"])
-    return out
+    return {n: unpack_mask(v["bits"].numpy(), tuple(v["shape"])) for n, v in packed.items()}
 
 
 def apply_masks(model, masks: dict[str, torch.Tensor]) -> dict[str, float]:

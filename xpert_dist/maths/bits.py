@@ -1,8 +1,8 @@
 """Bit-packing of boolean masks on any device: 1 bit per weight instead of torch.bool's 8.
 
 Layout: the mask is flattened row-major and padded with False to a multiple of 8; byte ``k`` holds
-entries ``8k .. 8k+7`` with entry ``8k+b`` in bit ``b`` (little-endian bit order, i.e. numpy's
-``packbits(..., bitorder="little")``).
+entries ``8k .. 8k+7``, the first in the high bit: numpy's default ``packbits``, i.e. the same bytes
+as the host-side ``prune.maskstore.pack_mask`` and the masks file, so one layout serves everywhere.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["pack_bits", "unpack_bits"]
 
 
 def _weights(device) -> Tensor:
-    return (torch.ones(8, dtype=torch.uint8, device=device) << torch.arange(8, dtype=torch.uint8, device=device))
+    return torch.ones(8, dtype=torch.uint8, device=device) << torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
