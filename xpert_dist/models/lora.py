@@ -2,13 +2,16 @@
 
 Masked adapter (METHOD.md, "Decision (project, 2026-12)"): once a module's mask ``M`` is final, its
 forward becomes ``W x + s·((B A) ⊙ M) x`` (``W`` already zero off ``M``), so merging ``W + s·(BA)⊙M``
-is exactly the trained model and never re-densifies. ``(BA) ⊙ M`` is not low-rank, so each forward
-materialises the masked delta ``[out, in]`` once (``out·in·r`` multiply-adds) and the backward forms
-its gradient ``(s·gᵀ x) ⊙ M`` (``tokens·out·in``, the cost of one dense weight gradient, which plain
-LoRA never computes). The mask is held beside the module as a bit-packed ``uint8`` buffer (1 bit per
-weight, ``numel/8`` bytes, on the module's device, not partitioned by ZeRO-3) and unpacked for each
-forward. Under ZeRO-3 the LoRA ``A``/``B`` are registered as external parameters of the peft layer,
-whose forward now reads them directly.
+is exactly the trained model and never re-densifies. ``(BA) ⊙ M`` is not low-rank, so the backward
+forms the dense gradient ``(s·gᵀ x) ⊙ M`` (``tokens·out·in``, the cost of one dense weight gradient,
+which plain LoRA never computes). On a plain ``nn.Linear`` base the forward is the fused function of
+``maths/masked_linear.py``: with LoRA dropout inactive (``lora.dropout=0``) one matmul with the merged
+``W + s·(BA)⊙M`` (3 full matmuls per step with the backward, against 5 for the unfused graph), and in
+both forms the ``[out, in]`` delta is recomputed in the backward instead of being kept. Other bases
+(4-bit QLoRA, several active adapters) take the unfused autograd graph. The mask is held beside the
+module as a bit-packed ``uint8`` buffer (1 bit per weight, ``numel/8`` bytes, on the module's device,
+not partitioned by ZeRO-3) and unpacked for each forward. Under ZeRO-3 the LoRA ``A``/``B`` and the
+base weight are registered as external parameters of the peft layer, whose forward reads them directly.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import nn
 from ..config import LoraSettings
 from ..errors import ConfigError
 from ..maths.bits import pack_bits, unpack_bits
+from ..maths.masked_linear import masked_lora_linear
 
 _BITS = "xd_delta_mask_bits"
 _SHAPE = "xd_delta_mask_shape"
@@ -72,8 +76,8 @@ def mask_delta(module: nn.Module, keep: torch.Tensor) -> None:
     setattr(module, _SHAPE, tuple(keep.shape))
     if "forward" not in module.__dict__:
         module.forward = types.MethodType(_masked_forward, module)
-    for name in module.lora_A:
-        for p in (module.lora_A[name].weight, module.lora_B[name].weight):
+    for name in module.lora_A:  # the fused forward reads the base weight directly too (no base_layer call)
+        for p in (module.lora_A[name].weight, module.lora_B[name].weight, base.weight):
             if _is_zero3(p):
                 import deepspeed
 
@@ -94,13 +98,37 @@ def masked_delta_weight(module: nn.Module, adapter: str, keep: torch.Tensor) -> 
     return (B @ A) * keep.to(device=A.device, dtype=A.dtype) * module.scaling[adapter]
 
 
+def _fused_path(self, args, kwargs) -> str | None:
+    """The one active adapter's name when the fused masked linear applies (a plain ``nn.Linear`` base of a
+    float dtype, one adapter, no extra forward arguments), else None (the generic autograd path)."""
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    base = self.base_layer
+    if len(names) != 1 or type(base) is not nn.Linear or args or kwargs or not base.weight.dtype.is_floating_point:
+        return None
+    return names[0]
+
+
 def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft LoRA Linear forward with the delta masked: ``base(x) + dropout(x) @ (s·(BA)⊙M)ᵀ``."""
+    """peft LoRA Linear forward with the delta masked: ``base(x) + dropout(x) @ (s·(BA)⊙M)ᵀ``.
+
+    On a plain ``nn.Linear`` base this is :func:`xpert_dist.maths.masked_linear.masked_lora_linear`: one
+    matmul with ``W + s·(BA)⊙M`` when dropout is inactive, and no ``[out, in]`` delta kept for the backward.
+    """
     if self.merged:
         raise RuntimeError("a masked LoRA layer must not be merged in place (export merges W + s·(BA)⊙M)")
-    result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters:
-        return result
+        return self.base_layer(x, *args, **kwargs)
+    name = _fused_path(self, args, kwargs)
+    if name is not None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        drop = self.lora_dropout[name]
+        dropping = drop.training and getattr(drop, "p", 0.0) > 0
+        xin = self._cast_input_dtype(x, A.dtype)
+        base = self.base_layer
+        y = masked_lora_linear(xin if not dropping else x, drop(xin) if dropping else None, base.weight, base.bias,
+                               A, B, getattr(self, _BITS), getattr(self, _SHAPE), self.scaling[name])
+        return y.to(x.dtype)
+    result = self.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
     keep = delta_mask(self)
     for name in self.active_adapters:

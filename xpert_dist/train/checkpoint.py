@@ -45,11 +45,13 @@ def _resume_relevant(cfg: RunConfig) -> dict:
 
 
 def _check_same_config(path: Path, saved: dict | None, cfg: RunConfig) -> None:
+    """Refuse a checkpoint written by another config. A field the checkpoint does not know (added to the
+    code since it was written) is accepted when it holds its default: the checkpoint's run behaved so."""
     if saved is None:
         return
-    now = _resume_relevant(cfg)
+    now, defaults = _resume_relevant(cfg), _resume_relevant(RunConfig())
     diff = sorted(f"{sec}.{k}" for sec in RESUME_SECTIONS for k in set(now[sec]) | set(saved.get(sec, {}))
-                  if now[sec].get(k) != saved.get(sec, {}).get(k))
+                  if now[sec].get(k) != saved.get(sec, {}).get(k, defaults[sec].get(k)))
     if diff:
         raise ConfigError(f"checkpoint {path} was written by a different run config ({', '.join(diff)}); "
                           f"resume with the same config, or use a new output_dir")

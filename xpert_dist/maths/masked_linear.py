@@ -1,0 +1,73 @@
+"""The masked LoRA linear as one autograd function: ``y = x Wᵀ + s·xd ((B A) ⊙ M)ᵀ``, tensors in, tensors out.
+
+``W`` is the frozen base weight (already zero off the keep mask ``M``), ``A [r, in]``, ``B [out, r]`` the
+adapter, ``s`` its scaling, ``xd`` the adapter's input (``x`` after LoRA dropout). Two forms, one result:
+
+- **merged** (``xd is None``: no dropout, or eval): one matmul with ``W + s·(BA)⊙M``; the backward does two
+  (``∂x = g W_eff`` and ``G = gᵀ x``): 3 full ``[tokens × out × in]`` matmuls per step instead of the
+  5 of the split autograd graph below;
+- **split** (dropout active): ``x Wᵀ`` and ``xd Dᵀ`` as two matmuls (the inputs differ), 5 in all.
+
+Neither form keeps the ``[out, in]`` masked delta alive between forward and backward: the backward
+recomputes it from ``A``, ``B`` and the bit-packed mask (``out·in·r`` multiply-adds, ``1/tokens`` of a
+matmul), so the masked phase holds no more activations than plain LoRA. The adapter's gradients are
+``∂B = s (G⊙M) Aᵀ`` and ``∂A = s Bᵀ (G⊙M)``. The base weight is frozen (no gradient).
+
+Parameters are read from ``ctx`` attributes, not ``save_for_backward``, so a ZeRO-3 engine's re-gather
+before the module's backward is what the backward sees.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bits import unpack_bits
+
+__all__ = ["masked_lora_linear"]
+
+
+def _delta(A: Tensor, B: Tensor, bits: Tensor, shape: tuple[int, int], scaling: float) -> Tensor:
+    return (B @ A).mul_(unpack_bits(bits, shape).to(A.dtype)).mul_(scaling)
+
+
+class _MaskedLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling):
+        delta = _delta(A, B, bits, shape, scaling)
+        if xd is None:
+            y = F.linear(x, weight.to(delta.dtype) + delta, bias)
+        else:
+            y = F.linear(x, weight, bias) + F.linear(xd, delta)
+        ctx.save_for_backward(x, xd if xd is not None else torch.empty(0), bits)
+        ctx.merged, ctx.shape, ctx.scaling = xd is None, shape, scaling
+        ctx.weight, ctx.A, ctx.B = weight, A, B
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xd, bits = ctx.saved_tensors
+        A, B, weight = ctx.A, ctx.B, ctx.weight
+        keep = unpack_bits(bits, ctx.shape).to(A.dtype)
+        delta = (B @ A).mul_(keep).mul_(ctx.scaling)
+        g2 = g.reshape(-1, g.shape[-1])
+        a_in = x if ctx.merged else xd
+        grad_x = grad_xd = None
+        if ctx.merged:
+            grad_x = g @ (weight.to(delta.dtype) + delta).to(g.dtype) if ctx.needs_input_grad[0] else None
+        else:
+            grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+            grad_xd = g @ delta.to(g.dtype) if ctx.needs_input_grad[1] else None
+        G = (g2.t().to(A.dtype) @ a_in.reshape(-1, a_in.shape[-1]).to(A.dtype)).mul_(keep).mul_(ctx.scaling)
+        grad_A = B.t() @ G if ctx.needs_input_grad[4] else None
+        grad_B = G @ A.t() if ctx.needs_input_grad[5] else None
+        grad_bias = g2.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def masked_lora_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                       bits: Tensor, shape: tuple[int, int], scaling: float) -> Tensor:
+    """``x Wᵀ + b + s·xd ((BA)⊙M)ᵀ`` (``xd None``: ``xd = x``, merged into one matmul); ``bits`` is the keep
+    mask packed by :func:`xpert_dist.maths.bits.pack_bits` for ``shape = (out, in)``. Gradients flow to
+    ``x``, ``xd``, ``bias``, ``A`` and ``B``; ``weight`` is treated as frozen."""
+    return _MaskedLoRALinear.apply(x, xd, weight, bias, A, B, bits, tuple(shape), float(scaling))
