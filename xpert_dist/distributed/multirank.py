@@ -19,9 +19,14 @@ from ..stats.tree import Node, TreeSum, maximal_nodes
 from .comm import PhaseBoard, guard, init_distributed, set_phase_board, timeout_seconds
 from .context import DistContext
 from .owners import assign_owners
+from .scatter_reduce import scatter_combine
 from .zero import gathered_state, is_zero3_param, set_partition, suspended_zero_hooks
 
 log = logging.getLogger(__name__)
+
+# statistics of at least this many bytes are reduced by reduce-scatter + gather (scatter_reduce.py):
+# ~2·S at the owner instead of (p-1)·S; smaller ones travel whole to the owner (fewer messages)
+SCATTER_MIN_BYTES = 16 * 1024 ** 2
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -107,7 +112,10 @@ class TorchDistContext(DistContext):
       is refused: its writes would be lost).
     * ``reduce_stats``: canonical-tree reduction to each statistic's owner (``assign_owners`` by
       bytes); the owner holds the full statistic, every rank gets ``n`` and the diagonal (the
-      whole statistic in ``diag`` mode, or with ``replicate=True``).
+      whole statistic in ``diag`` mode, or with ``replicate=True``). A statistic of at least
+      ``scatter_min_bytes`` (default ``SCATTER_MIN_BYTES``) is reduced by reduce-scatter over row
+      chunks, then gathered on the owner (``scatter_reduce.py``: the same bits, ~2·S at the owner
+      instead of (p-1)·S); smaller ones are sent whole to the owner.
     * ``compute_owned(keys, sizes, fn)``: ``fn(key)`` runs on the key's owner (the owner of the
       statistic the module reads, when ``reduce_stats`` ran for it), results are broadcast to every
       rank in the given key order.
@@ -124,7 +132,7 @@ class TorchDistContext(DistContext):
 
     def __init__(self, zero3: bool | None = None, timeout_s: float | None = None, *, group=None,
                  device: torch.device | str | None = None, activate: bool = True,
-                 partials_device: torch.device | str | None = None):
+                 partials_device: torch.device | str | None = None, scatter_min_bytes: int | None = None):
         import torch.distributed as dist
 
         self.timeout_s = timeout_seconds(timeout_s)
@@ -147,6 +155,7 @@ class TorchDistContext(DistContext):
         self._stat_owners: dict[str, int] = {}
         self._round = 0  # reduce_stats calls so far (same on every rank)
         self.partials_device = partials_device
+        self.scatter_min_bytes = SCATTER_MIN_BYTES if scatter_min_bytes is None else int(scatter_min_bytes)
         self.board = PhaseBoard(self.rank, self.world_size)
         set_phase_board(self.board)
         if activate:
@@ -330,7 +339,11 @@ class TorchDistContext(DistContext):
         for k in keys:
             mode, kind, live, shape, dtype, n = info[k]
             owner = owners[k]
-            if self.rank == owner:
+            if self.world_size > 1 and sizes[k] >= self.scatter_min_bytes:
+                total = scatter_combine(self, k, kind, live, shape, dtype, stats[k], owner)
+                if self.rank == owner:
+                    totals[k] = total
+            elif self.rank == owner:
                 totals[k] = self._combine(k, kind, live, shape, dtype, stats[k])
             elif any(r == self.rank for r, _ in live):
                 local = stats[k]
