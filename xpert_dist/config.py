@@ -149,7 +149,7 @@ class TrainConfig:
     """
 
     epochs: int = 1
-    max_steps: int | None = None  # caps optimizer steps (all epochs together)
+    max_steps: int | None = None  # caps optimizer steps (all epochs together); 0: prune the loaded model one-shot
     batch_size: int = 4  # global: rows per optimizer step over all ranks
     micro_batch_size: int | None = None  # rows per forward on one rank; None: batch_size / world size
     lr: float = 2e-4
@@ -400,8 +400,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.reproducible=true needs plain torch data parallelism, not ds_config="
                           f"{cfg.ds_config}: DeepSpeed reduces gradients in an order that depends on the world size")
     _positive("train.lr", t.lr)
-    if t.max_steps is not None:
-        _positive("train.max_steps", t.max_steps)
+    if t.max_steps is not None:  # 0: no training, the final step prunes the loaded model one-shot (post-hoc)
+        _positive("train.max_steps", t.max_steps, allow_zero=True)
+        if t.max_steps == 0 and cfg.prune.schedule not in ("final_only", "before_training"):
+            raise ConfigError(f"train.max_steps=0 (no training) needs prune.schedule=final_only or before_training, "
+                              f"not {cfg.prune.schedule!r}: there are no steps to prune in")
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     for task in e.tasks:
         _choice("eval.tasks", task, ("pubmedqa", "casehold"))

@@ -42,10 +42,14 @@ def check_aliases(root: Path):
     assert held["id"] == [r["id"] for r in med[cut:]]
     assert not set(held["id"]) & set(health["id"])
 
+    assert load_records("health_valid")["id"] == held["id"]
+
     cases = raw_jsonl(root / "legal/casehold_train.jsonl")
-    legal = load_records("legal")
-    assert len(legal) == len(cases)
-    for rec, text in zip(cases, legal["text"]):
+    legal_cut = len(cases) - max(1, len(cases) // 10)
+    legal, legal_valid = load_records("legal"), load_records("legal_valid")
+    assert legal["id"] == [r["id"] for r in cases[:legal_cut]]
+    assert legal_valid["id"] == [r["id"] for r in cases[legal_cut:]]
+    for rec, text in zip(cases, list(legal["text"]) + list(legal_valid["text"])):
         holding = rec["endings"][rec["label"]]
         assert "<HOLDING>" not in text and f"({holding})" in text
         if "(<HOLDING>)" in rec["context"]:

@@ -17,8 +17,10 @@ alias              records
 health             MedQuAD records except the held-out tail (last 10 % by position), then PubMedQA train as
                    ``Question: ...\\nContext: ...\\nAnswer: <yes/no/maybe>. <long answer>`` (column ``text``)
 health_heldout     the MedQuAD held-out tail (column ``text``)
-legal              CaseHOLD train, the correct holding put in place of ``(<HOLDING>)`` (appended in
-                   parentheses when the marker is missing) (column ``text``)
+health_valid       the same MedQuAD held-out tail: the validation split defaults are chosen on
+legal              CaseHOLD train except its held-out tail (last 10 % by position), the correct holding put
+                   in place of ``(<HOLDING>)`` (appended in parentheses when the marker is missing) (``text``)
+legal_valid        the CaseHOLD-train held-out tail as text: the validation split defaults are chosen on
 legal_heldout      MultiLegalPile eval (column ``text``)
 general            WikiText-2 valid, one record per article (column ``text``)
 general_heldout    WikiText-2 test, one record per article (column ``text``)
@@ -49,7 +51,9 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parq
 ALIASES = {
     "health": "MedQuAD minus its held-out tail + PubMedQA train as text",
     "health_heldout": "MedQuAD held-out tail (last 10% by position)",
-    "legal": "CaseHOLD train with the correct holding substituted for (<HOLDING>)",
+    "health_valid": "MedQuAD held-out tail (validation: defaults are chosen on it)",
+    "legal": "CaseHOLD train minus its held-out tail, with the correct holding substituted for (<HOLDING>)",
+    "legal_valid": "CaseHOLD-train held-out tail as text (validation: defaults are chosen on it)",
     "legal_heldout": "MultiLegalPile eval text",
     "general": "WikiText-2 valid, one record per article",
     "general_heldout": "WikiText-2 test, one record per article",
@@ -181,18 +185,20 @@ def _load_alias(name: str):
         return load_records(str(_alias_file("legal/casehold_test.jsonl")))
     if name == "legal_heldout":
         return load_records(str(_alias_file("legal/multilegalpile_eval.jsonl")))
-    if name in ("health", "health_heldout"):
+    if name in ("health", "health_heldout", "health_valid"):
         med = load_records(str(_alias_file("health/medquad_train.jsonl")))
         cut = heldout_split(len(med))
-        if name == "health_heldout":
+        if name in ("health_heldout", "health_valid"):
             return med.select(range(cut, len(med)))
         pub = load_records(str(_alias_file("health/pubmedqa_train.jsonl")))
         texts = list(med["text"][:cut]) + [pubmedqa_as_text(r) for r in pub]
         ids = list(med["id"][:cut]) + [f"pubmedqa/{i}" for i in pub["id"]]
         return _text_dataset(texts, ids)
-    if name == "legal":
+    if name in ("legal", "legal_valid"):
         train = load_records(str(_alias_file("legal/casehold_train.jsonl")))
-        return _text_dataset([casehold_as_text(r) for r in train], list(train["id"]))
+        cut = heldout_split(len(train))
+        part = train.select(range(cut) if name == "legal" else range(cut, len(train)))
+        return _text_dataset([casehold_as_text(r) for r in part], list(part["id"]))
     if name in ("general", "general_heldout"):
         rel = "general/wikitext2_valid.txt" if name == "general" else "general/wikitext2_test.txt"
         lines = load_records(str(_alias_file(rel)))["text"]
