@@ -1,4 +1,4 @@
-"""Planner terms corrected by the 70B rehearsal (bench/rehearsal_70b.py), hand-computed.
+"""Planner terms corrected by the 70B rehearsal (bench/rehearsal_70b/), hand-computed.
 
 * the last block has no next block: ForeSight gathers none for a one-block model (the code's
   ``if i + 1 < len(layers)``; checked here against the real Pruner with a recording context);
