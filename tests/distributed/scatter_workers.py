@@ -62,6 +62,7 @@ def reduce_both_paths(rank, world):
 
     multirank.scatter_combine = counted
     ctx = TorchDistContext(timeout_s=60)
+    ctx.scatter_min_world = 2  # the default leaves 2 ranks on the whole-partials path
     out = {}
     for name, kind, mode, shape, spans in CASES[world]:
         for path, threshold in (("scatter", 0), ("whole", 1 << 62)):

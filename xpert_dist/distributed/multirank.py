@@ -24,9 +24,13 @@ from .zero import gathered_state, is_zero3_param, set_partition, suspended_zero_
 
 log = logging.getLogger(__name__)
 
-# statistics of at least this many bytes are reduced by reduce-scatter + gather (scatter_reduce.py):
-# ~2·S at the owner instead of (p-1)·S; smaller ones travel whole to the owner (fewer messages)
+# statistics of at least this many bytes, on at least this many ranks, are reduced by reduce-scatter +
+# gather (scatter_reduce.py): 2·(p-1)/p·S at the owner instead of (p-1)·S. Smaller ones travel whole to
+# the owner (fewer messages); on 2 ranks both bring S to the owner and the two phases are slower
+# (bench/results/stats_reduction.md, one loaded 2-core host over loopback: median 0.69-0.83x at 2 ranks,
+# 1.05-1.32x at 4 and 8 ranks; there all ranks share the same cores, on a cluster the owner's link is the limit)
 SCATTER_MIN_BYTES = 16 * 1024 ** 2
+SCATTER_MIN_WORLD = 3
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -113,9 +117,10 @@ class TorchDistContext(DistContext):
     * ``reduce_stats``: canonical-tree reduction to each statistic's owner (``assign_owners`` by
       bytes); the owner holds the full statistic, every rank gets ``n`` and the diagonal (the
       whole statistic in ``diag`` mode, or with ``replicate=True``). A statistic of at least
-      ``scatter_min_bytes`` (default ``SCATTER_MIN_BYTES``) is reduced by reduce-scatter over row
-      chunks, then gathered on the owner (``scatter_reduce.py``: the same bits, ~2·S at the owner
-      instead of (p-1)·S); smaller ones are sent whole to the owner.
+      ``scatter_min_bytes`` on at least ``scatter_min_world`` ranks (defaults ``SCATTER_MIN_BYTES``,
+      ``SCATTER_MIN_WORLD``) is reduced by reduce-scatter over row chunks, then gathered on the
+      owner (``scatter_reduce.py``: the same bits, 2·(p-1)/p·S at the owner instead of (p-1)·S);
+      the others are sent whole to the owner.
     * ``compute_owned(keys, sizes, fn)``: ``fn(key)`` runs on the key's owner (the owner of the
       statistic the module reads, when ``reduce_stats`` ran for it), results are broadcast to every
       rank in the given key order.
@@ -156,6 +161,7 @@ class TorchDistContext(DistContext):
         self._round = 0  # reduce_stats calls so far (same on every rank)
         self.partials_device = partials_device
         self.scatter_min_bytes = SCATTER_MIN_BYTES if scatter_min_bytes is None else int(scatter_min_bytes)
+        self.scatter_min_world = SCATTER_MIN_WORLD
         self.board = PhaseBoard(self.rank, self.world_size)
         set_phase_board(self.board)
         if activate:
@@ -339,7 +345,7 @@ class TorchDistContext(DistContext):
         for k in keys:
             mode, kind, live, shape, dtype, n = info[k]
             owner = owners[k]
-            if self.world_size > 1 and sizes[k] >= self.scatter_min_bytes:
+            if self.world_size >= max(2, self.scatter_min_world) and sizes[k] >= self.scatter_min_bytes:
                 total = scatter_combine(self, k, kind, live, shape, dtype, stats[k], owner)
                 if self.rank == owner:
                     totals[k] = total
