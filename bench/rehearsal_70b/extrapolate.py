@@ -45,23 +45,47 @@ def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", worl
     pbs_new = {n: 2.0 * r * i * i + 4.0 * o * i * r for n, (o, i) in shapes.items()}
     pbs_old = {n: 2.0 * o * i * i + 2.0 * o * i * r for n, (o, i) in shapes.items()}
     sgpt = {n: 4.0 / 3.0 * i ** 3 + 1.0 * o * i * i for n, (o, i) in shapes.items()}
+    # ---- reduction of the full statistics to their owners (fp32, one tree partial per rank: the
+    # calibration rows of a rank are one aligned run of the canonical tree). Per rank, of its p-1 peers
+    # n_inter are on other nodes (the GPU's NIC) and n_intra on its node (NVLink); links full duplex.
+    from xpert_dist.distributed.multirank import SCATTER_MIN_BYTES, SCATTER_MIN_WORLD
+
     n_inter = world - gpus_per_node
     n_intra = gpus_per_node - 1
-    big = max(dims.values()) ** 2 * 4  # the owner of down_in receives every rank's partial
-    reduce_s = big * (n_inter / (GPU["internode_gb_s_per_gpu"] * 1e9) + n_intra / (GPU["intranode_gb_s"] * 1e9))
+    s_per_byte = n_inter / (GPU["internode_gb_s_per_gpu"] * 1e9) + n_intra / (GPU["intranode_gb_s"] * 1e9)
+    stat_bytes = {g: d * d * 4 for g, d in dims.items()}
+    big = max(stat_bytes.values())
+    # previous path: every rank sends its whole partial to the owner, which receives (p-1)·S; the
+    # largest statistic (down_in) alone, as reported before
+    reduce_whole_s = big * s_per_byte
+    # reduce-scatter + gather (distributed/scatter_reduce.py) for statistics >= SCATTER_MIN_BYTES: each rank
+    # sends one S/p row chunk to every peer and receives one from every peer, then the owner receives
+    # the p-1 folded chunks: 2·(S/p)·(n_inter/B_inter + n_intra/B_intra) per statistic, the block's
+    # statistics one after another; smaller ones (none at 70B) travel whole
+    scattered = {g: b for g, b in stat_bytes.items() if b >= SCATTER_MIN_BYTES and world >= SCATTER_MIN_WORLD}
+    reduce_s = (sum(2.0 * b / world for b in scattered.values())
+                + sum(b for g, b in stat_bytes.items() if g not in scattered)) * s_per_byte
+    reduction = {"statistic_bytes": stat_bytes, "scattered": sorted(scattered), "peers_inter_node": n_inter,
+                 "peers_intra_node": n_intra, "seconds_per_byte_all_peers": s_per_byte,
+                 "owner_inbound_bytes_per_block_whole_down_in": (world - 1) * big,
+                 "owner_inbound_bytes_per_block_scatter": sum(2.0 * (world - 1) / world * b for b in scattered.values()),
+                 "seconds_per_block_scatter": reduce_s, "seconds_per_block_whole_down_in": reduce_whole_s,
+                 "scatter_min_bytes": SCATTER_MIN_BYTES}
     elementwise_s = P_blk * GPU["bytes_per_weight_elementwise"] / (GPU["hbm_gb_s_effective"] * 1e9)
     blk = {"calibration forwards (bf16, /W)": fwd / world / bf,
            "statistics XᵀX full (fp32, /W)": stats_full / world / f32,
            "statistics diag (fp32, /W)": stats_diag / world / f32,
-           "reduction of full XᵀX to owners (down_in, (W-1) partials)": reduce_s,
+           "reduction of full XᵀX to owners (reduce-scatter + gather, all 4 statistics)": reduce_s,
+           "reduction, previous path: whole partials to the owner (down_in only)": reduce_whole_s,
            "scores + mask + writes (elementwise, largest owner: all)": elementwise_s,
            "PBS full dense solve, A·H first (down_proj owner)": pbs_new["down_proj"] / f32,
            "PBS full dense solve, previous (U⊙P)·H (down_proj owner)": pbs_old["down_proj"] / f32,
            "SparseGPT solve (down_proj owner)": sgpt["down_proj"] / f32}
-    step_full = m.layers * (blk["calibration forwards (bf16, /W)"] + blk["statistics XᵀX full (fp32, /W)"]
-                            + blk["reduction of full XᵀX to owners (down_in, (W-1) partials)"]
-                            + blk["scores + mask + writes (elementwise, largest owner: all)"]
-                            + blk["PBS full dense solve, A·H first (down_proj owner)"])
+    full_parts = ["calibration forwards (bf16, /W)", "statistics XᵀX full (fp32, /W)",
+                  "reduction of full XᵀX to owners (reduce-scatter + gather, all 4 statistics)",
+                  "scores + mask + writes (elementwise, largest owner: all)",
+                  "PBS full dense solve, A·H first (down_proj owner)"]
+    step_full = m.layers * sum(blk[k] for k in full_parts)
     step_diag = m.layers * (blk["calibration forwards (bf16, /W)"] + blk["statistics diag (fp32, /W)"]
                             + blk["scores + mask + writes (elementwise, largest owner: all)"])
     # ---- training
@@ -79,7 +103,7 @@ def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", worl
     n_inloop = len(plan.steps)
     train_s = total * train_step_s
     out = {"gpu_assumptions": GPU, "world": world, "calibration_tokens": T, "seq_len": S,
-           "per_block_seconds": blk,
+           "per_block_seconds": blk, "reduction": reduction, "prune_step_full_parts": full_parts,
            "per_block_flops": {"calibration forwards": fwd, "statistics full": stats_full, "statistics diag": stats_diag,
                                "PBS full dense new (down_proj)": pbs_new["down_proj"],
                                "PBS full dense previous (down_proj)": pbs_old["down_proj"],

@@ -151,8 +151,27 @@ def write(res: dict) -> None:
     for k, v in e["per_block_seconds"].items():
         L.append(f"| {k} | {('%.3g' % fmap[k]) if k in fmap else '– (bytes, see assumptions)'} | {v:.3g} |")
     tr = e["training"]
-    L += ["", f"One prune step of all 80 blocks: **{e['prune_step_s']['pbs full (statistics full)']:.0f} s** with "
-          f"full-Hessian PBS (the reduction of each block's 3.3 GB down_proj XᵀX into its owner dominates), "
+    rd, p_ = e["reduction"], e["world"]
+    sb = rd["statistic_bytes"]
+    L += ["", "Reduction arithmetic (fp32 statistics, one tree partial per rank; of each rank's "
+          f"{p_ - 1} peers {rd['peers_inter_node']} are on other nodes at {g['internode_gb_s_per_gpu']:g} GB/s and "
+          f"{rd['peers_intra_node']} on its node at {g['intranode_gb_s']:g} GB/s, links full duplex: "
+          f"{rd['peers_inter_node']}/{g['internode_gb_s_per_gpu']:g}e9 + {rd['peers_intra_node']}/"
+          f"{g['intranode_gb_s']:g}e9 = {rd['seconds_per_byte_all_peers']:.4g} s per byte sent to every peer). "
+          "Statistics per block: " + ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in sb.items()) + ". "
+          f"Reduce-scatter + gather (statistics of at least {rd['scatter_min_bytes'] / MiB:.0f} MiB: "
+          + (", ".join(rd["scattered"]) or "none") + "): each rank sends one S/p row chunk to every peer, then "
+          f"the owner receives the p - 1 folded chunks, 2·(S/p) per peer: 2 x {sum(sb[k] for k in rd['scattered']) / 1e9:.3g} GB "
+          f"/ {p_} x {rd['seconds_per_byte_all_peers']:.4g} = {rd['seconds_per_block_scatter']:.3g} s per block "
+          f"(the owner receives {rd['owner_inbound_bytes_per_block_scatter'] / 1e9:.3g} GB per block). The previous "
+          f"path sent every rank's whole partial to the owner: down_in alone {sb['down_in'] / 1e9:.3g} GB x "
+          f"{rd['seconds_per_byte_all_peers']:.4g} = {rd['seconds_per_block_whole_down_in']:.3g} s per block (the owner "
+          f"received {rd['owner_inbound_bytes_per_block_whole_down_in'] / 1e9:.0f} GB); that row is not part of the "
+          "step below. The chunk folds (elementwise adds of p chunks of S/p on every rank) are not counted.",
+          "", f"One prune step of all 80 blocks: **{e['prune_step_s']['pbs full (statistics full)']:.0f} s** with "
+          f"full-Hessian PBS (" + ", ".join(f"{k} {v:.3g} s" for k, v in
+                                            sorted(((k, e['per_block_seconds'][k]) for k in e["prune_step_full_parts"]),
+                                                   key=lambda kv: -kv[1])) + " per block), "
           f"**{e['prune_step_s']['pbs diagonal / final step (statistics diag)']:.1f} s** with diagonal PBS / the final step.",
           "", f"Training with configs/llama70b_health.yaml on the shipped health data: {tr['train_tokens']:,} tokens "
           "(SmolLM2 tokenizer; Llama-2's is not available offline) -> "
