@@ -73,3 +73,30 @@ def reduce_both_paths(rank, world):
     ctx.barrier()
     ctx.close()
     return {"results": out, "scatter_calls": calls}
+
+
+def dies_in_reduce_scatter(rank, world, timeout_s, victim):
+    """``victim`` exits when it enters the reduce-scatter; the others must fail with DistributedError."""
+    import os
+    import time
+
+    from xpert_dist.distributed import multirank
+    from xpert_dist.distributed.multirank import TorchDistContext
+    from xpert_dist.errors import DistributedError
+
+    real = multirank.scatter_combine
+
+    def maybe_die(*a, **k):
+        if rank == victim:
+            os._exit(17)
+        return real(*a, **k)
+
+    multirank.scatter_combine = maybe_die
+    ctx = TorchDistContext(timeout_s=timeout_s, scatter_min_bytes=0)
+    t0 = time.monotonic()
+    try:
+        ctx.reduce_stats({"x": partial("tree", "full", (64, 64), (rank, rank + 1))})
+        ctx.barrier()
+    except DistributedError as e:
+        return {"error": str(e), "elapsed": time.monotonic() - t0}
+    return {"error": None, "elapsed": time.monotonic() - t0}

@@ -77,3 +77,14 @@ def test_the_oracle_depends_on_the_association():
     for g in range(1, 7):
         seq = seq + sw.leaf(g, shape)
     assert not torch.equal(seq, oracle("tree", shape, [(0, 5), (5, 5), (5, 7)]))
+
+
+def test_dead_rank_in_reduce_scatter_raises_distributed_error_in_bounded_time():
+    timeout = 6.0
+    res = run_ranks(sw.dies_in_reduce_scatter, 3, timeout, 1, timeout=90, allow_missing={1})
+    assert 1 not in res
+    for r in (0, 2):
+        status, out = res[r]
+        assert status == "ok", out
+        assert out["error"] is not None and "reduce_stats" in out["error"] and f"rank {r}" in out["error"], out
+        assert out["elapsed"] < timeout + 10.0
