@@ -222,7 +222,14 @@ def valid_perplexity(out: Path, domain: str) -> float:
     from xpert_dist.eval.perplexity import heldout_windows, perplexity
     from xpert_dist.models.loading import load_tokenizer
 
+    from xpert_dist.data.sources import load_records
+
     cfg = load_config(DOMAINS[domain], [*BUDGET, *EVAL, *MODEL])
+    res = json.loads((out / "results.json").read_text())
+    same_text = (cfg.eval.perplexity_data is None
+                 and list(load_records(VALID[domain])["id"]) == list(load_records(f"{domain}_heldout")["id"]))
+    if same_text and cfg.eval.perplexity_windows == VALID_WINDOWS and "perplexity" in res.get("metrics", {}):
+        return res["metrics"]["perplexity"]  # the same windows of the same records were just scored (health)
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
     windows = heldout_windows(VALID[domain], load_tokenizer(cfg.model), cfg.eval.perplexity_seq_len, VALID_WINDOWS)
     return perplexity(model, windows, batch_size=cfg.eval.batch_size, progress=False)
