@@ -199,6 +199,8 @@ def _posthoc_accounting(out: Path, res: dict, dense: dict) -> dict:
     """A post-hoc cell's time and memory include the dense cell's training it was derived from."""
     from xpert_dist.utils.atomic import atomic_write_json
 
+    if res.get("derived_from"):  # already accounted
+        return res
     res["derived_from"] = "dense_lora"
     for key in ("train_s", "train_cpu_s"):
         res["timing"][key] = dense["timing"].get(key, 0.0) + res["timing"].get(key, 0.0)
