@@ -356,7 +356,8 @@ def validate(cfg: RunConfig) -> None:
                           "(PBS targets what SparseGPT's update already reconstructed): set prune.pbs=off")
     if p.reconstruct != "off" and (p.method == "sparsegpt" or p.pbs != "off"):
         raise ConfigError(f"prune.reconstruct={p.reconstruct} compensates the pruned weights a second time with "
-                          f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them")
+                          f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them (prune.reconstruct=off, "
+                          f"or prune.pbs=off with prune.method other than sparsegpt)")
     _choice("prune.distill", p.distill, ("off", "logits"))
     _positive("prune.distill_weight", p.distill_weight)
     if p.distill != "off" and (cfg.ds_config is not None or cfg.model.quantization is not None):

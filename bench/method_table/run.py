@@ -79,6 +79,10 @@ POSTHOC = {"lora_wanda", "lora_sparsegpt"}
 # validation splits (held out of the training data, never a test file): defaults are chosen on these
 VALID = {"health": "health_valid", "legal": "legal_valid"}
 VALID_WINDOWS = 32
+# every cell but the shipped default says what it reconstructs (the domain configs ship prune.reconstruct=obs)
+for _name, _ov in METHODS.items():
+    if _name != "xpert_default" and not any(o.startswith("prune.reconstruct=") for o in _ov):
+        _ov.insert(0, "prune.reconstruct=off")
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]
 BASELINES = ["lora_wanda", "lora_sparsegpt", "wanda_masked_lora", "sparsegpt_masked_lora"]
 SPARSITY_FREE = {"dense_lora"}
