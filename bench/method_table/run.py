@@ -189,12 +189,21 @@ def _resolved(domain: str, overrides: list[str]) -> dict:
     return {k: v for k, v in d.items() if k not in ("name", "output_dir")}
 
 
+def _comparable(cfg: dict) -> dict:
+    """A run config without name and paths of its own, model path resolved (a worktree or symlink is the same
+    model), evaluation reduced to the settings that change a metric."""
+    out = {k: v for k, v in cfg.items() if k not in ("name", "output_dir")}
+    out["model"] = {**out["model"], "name_or_path": os.path.realpath(out["model"]["name_or_path"])}
+    out["eval"] = _metric_settings(out["eval"])
+    return out
+
+
 def _finished_twin(domain: str, overrides: list[str]) -> Path | None:
     """A finished cell of this budget whose run config equals the one ``overrides`` give, if any."""
-    want = _resolved(domain, overrides)
+    want = _comparable(_resolved(domain, overrides))
     for res_file in sorted(CACHE.glob(f"{domain}-*/results.json")):
         cfg = json.loads(res_file.read_text()).get("config", {})
-        if {k: v for k, v in cfg.items() if k not in ("name", "output_dir")} == want:
+        if cfg and _comparable(cfg) == want:
             return res_file.parent
     return None
 
