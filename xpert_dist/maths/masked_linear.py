@@ -27,31 +27,32 @@ from .bits import unpack_bits
 __all__ = ["masked_lora_linear"]
 
 
-def _delta(A: Tensor, B: Tensor, bits: Tensor, shape: tuple[int, int], scaling: float) -> Tensor:
-    return (B @ A).mul_(unpack_bits(bits, shape).to(A.dtype)).mul_(scaling)
+def _delta(A: Tensor, B: Tensor, keep: Tensor, scaling: float) -> Tensor:
+    """``s·(BA)⊙M`` with ``keep`` the unpacked mask in A's dtype."""
+    return (B @ A).mul_(keep).mul_(scaling)
 
 
 class _MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling):
-        delta = _delta(A, B, bits, shape, scaling)
+        delta = _delta(A, B, unpack_bits(bits, shape).to(A.dtype), scaling)
         if xd is None:
             y = F.linear(x, weight.to(delta.dtype) + delta, bias)
         else:
             y = F.linear(x, weight, bias) + F.linear(xd, delta)
-        ctx.save_for_backward(x, xd if xd is not None else torch.empty(0), bits)
+        # the adapter's input is all the backward needs (∂x comes from the weights and g)
+        ctx.save_for_backward(x if xd is None else xd, bits)
         ctx.merged, ctx.shape, ctx.scaling = xd is None, shape, scaling
         ctx.weight, ctx.A, ctx.B = weight, A, B
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, xd, bits = ctx.saved_tensors
+        a_in, bits = ctx.saved_tensors
         A, B, weight = ctx.A, ctx.B, ctx.weight
         keep = unpack_bits(bits, ctx.shape).to(A.dtype)
-        delta = (B @ A).mul_(keep).mul_(ctx.scaling)
+        delta = _delta(A, B, keep, ctx.scaling)
         g2 = g.reshape(-1, g.shape[-1])
-        a_in = x if ctx.merged else xd
         grad_x = grad_xd = None
         if ctx.merged:
             grad_x = g @ (weight.to(delta.dtype) + delta).to(g.dtype) if ctx.needs_input_grad[0] else None

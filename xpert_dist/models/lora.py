@@ -76,12 +76,14 @@ def mask_delta(module: nn.Module, keep: torch.Tensor) -> None:
     setattr(module, _SHAPE, tuple(keep.shape))
     if "forward" not in module.__dict__:
         module.forward = types.MethodType(_masked_forward, module)
-    for name in module.lora_A:  # the fused forward reads the base weight directly too (no base_layer call)
-        for p in (module.lora_A[name].weight, module.lora_B[name].weight, base.weight):
-            if _is_zero3(p):
-                import deepspeed
+    # the fused forward reads the base weight directly too (no base_layer call)
+    params = [base.weight, *(w for name in module.lora_A
+                             for w in (module.lora_A[name].weight, module.lora_B[name].weight))]
+    for p in params:
+        if _is_zero3(p):
+            import deepspeed
 
-                deepspeed.zero.register_external_parameter(module, p)
+            deepspeed.zero.register_external_parameter(module, p)
 
 
 def unmask_delta(module: nn.Module) -> None:
