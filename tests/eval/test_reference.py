@@ -72,3 +72,40 @@ def test_reference_run_must_be_a_finished_run(tmp_path):
 
     with pytest.raises(ConfigError, match=r"eval.reference_run=.*no results.json"):
         config_from_dict(tiny(tmp_path / "o", tmp_path / "c", reference_run=str(tmp_path)))
+
+
+def _evaluate_once_in_child(cfg, out_file):
+    res = reference.base_metrics(cfg, None)
+    out_file.write_text(json.dumps(res))
+
+
+def test_concurrent_runs_evaluate_the_base_model_once(tmp_path, monkeypatch):
+    """Two processes that need the same (uncached) base entry at once: one evaluates, the other waits and reads."""
+    import multiprocessing
+    import time
+
+    from xpert_dist.eval import retention as retention_mod
+
+    calls = tmp_path / "calls"
+
+    def slow_evaluate(model, tok, cfg, progress=False):
+        with open(calls, "a") as f:
+            f.write("evaluated\n")
+        time.sleep(1.5)  # long enough that the second process asks while the first still evaluates
+        return {"perplexity": 7.0, "perplexity_windows": 2}
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: object())
+    monkeypatch.setattr(retention_mod, "evaluate", slow_evaluate)
+    cfg = config_from_dict(tiny(tmp_path / "run", tmp_path / "cache"))
+    ctx = multiprocessing.get_context("fork")  # the children inherit the stand-in evaluation
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    procs = [ctx.Process(target=_evaluate_once_in_child, args=(cfg, o)) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert calls.read_text().count("evaluated") == 1
+    results = [json.loads(o.read_text()) for o in outs]
+    assert all(r["metrics"] == {"perplexity": 7.0, "perplexity_windows": 2} for r in results)
+    assert sorted(r["cached"] for r in results) == [False, True]

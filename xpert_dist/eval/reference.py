@@ -5,7 +5,7 @@
   ``<eval.cache_dir or ~/.cache/xpert_dist>/base_eval/<key>.json``, ``key`` = sha256 of the model
   source (name/path, GGUF file, dtype, quantization, tiny config and seed for random models), the
   domain and every ``eval`` setting that changes the numbers, and the transformers/torch versions.
-  ``eval.base_reference=false`` skips it.
+  ``eval.base_reference=false`` skips it. Concurrent runs needing one entry evaluate it once (a file lock).
 * **dense LoRA**: ``eval.reference_run`` (``launchers/run.py --reference RUN_DIR``), a finished
   ``prune.method=none`` run whose ``results.json`` metrics are copied into this run's results.
 
@@ -65,28 +65,49 @@ def base_cache_path(cfg: RunConfig) -> Path:
     return cache_dir(cfg) / "base_eval" / f"{key}.json"
 
 
-def base_metrics(cfg: RunConfig, tokenizer) -> dict:
-    """``{"metrics": {...}, "cache": path, "cached": bool}`` for the base model of ``cfg``."""
-    path = base_cache_path(cfg)
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("key") == json.loads(json.dumps(base_key_fields(cfg), default=str)):
-                log.info("base model metrics from the cache %s", path)
-                return {"metrics": stored["metrics"], "cache": str(path), "cached": True}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("base model cache %s unreadable: evaluating again", path)
-    from ..models.loading import load_model
-    from .retention import evaluate
-
-    log.info("evaluating the base model (unpruned, not fine-tuned) once for the report; cached in %s", path)
-    model = load_model(cfg.model, seed=cfg.train.seed)
+def _cached(cfg: RunConfig, path: Path) -> dict | None:
+    if not path.is_file():
+        return None
     try:
-        metrics = evaluate(model, tokenizer, cfg, progress=False)
-    finally:
-        del model
-        gc.collect()
-    atomic_write_json(path, {"key": base_key_fields(cfg), "metrics": metrics})
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(json.dumps(base_key_fields(cfg), default=str)):
+            return stored["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("base model cache %s unreadable: evaluating again", path)
+    return None
+
+
+def base_metrics(cfg: RunConfig, tokenizer) -> dict:
+    """``{"metrics": {...}, "cache": path, "cached": bool}`` for the base model of ``cfg``.
+
+    Runs that need the same entry at once (e.g. benchmark cells started together) evaluate it once: the
+    first takes an exclusive lock on ``<entry>.lock`` while it evaluates, the others wait for it and then
+    read the cache."""
+    import fcntl
+
+    path = base_cache_path(cfg)
+    metrics = _cached(cfg, path)
+    if metrics is not None:
+        log.info("base model metrics from the cache %s", path)
+        return {"metrics": metrics, "cache": str(path), "cached": True}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        metrics = _cached(cfg, path)
+        if metrics is not None:
+            log.info("base model metrics from the cache %s (evaluated by another run meanwhile)", path)
+            return {"metrics": metrics, "cache": str(path), "cached": True}
+        from ..models.loading import load_model
+        from .retention import evaluate
+
+        log.info("evaluating the base model (unpruned, not fine-tuned) once for the report; cached in %s", path)
+        model = load_model(cfg.model, seed=cfg.train.seed)
+        try:
+            metrics = evaluate(model, tokenizer, cfg, progress=False)
+        finally:
+            del model
+            gc.collect()
+        atomic_write_json(path, {"key": base_key_fields(cfg), "metrics": metrics})
     return {"metrics": metrics, "cache": str(path), "cached": False}
 
 

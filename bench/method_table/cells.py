@@ -1,0 +1,104 @@
+"""The method table's cells: the budget every cell shares, the methods (name -> overrides), the domains,
+validation splits and cache folder. Read by ``run.py`` (runs cells), ``report.py`` (the table) and the
+side measurements (``timing.py``, ``masked_cost.py``, ``distill_cost.py``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+CACHE_ROOT = ROOT / "bench" / "results" / "cache" / "method_table"
+OUT = ROOT / "bench" / "results"
+
+# name -> overrides; every cell shares the domain config below. Groups and the moment the mask becomes
+# final (prune.mask_final) are explicit so that a cell does not change meaning when a default changes.
+EX = ["prune.method=foresight", "prune.variant=exact"]
+END = ["prune.mask_final=end"]  # the released recipe: dense adapter, merge and re-mask after training
+MASKED = ["prune.mask_final=last_inloop"]  # the mask is final at the last prune step, the adapter trains masked
+METHODS = {
+    "dense_lora": ["prune.method=none"],
+    # post-hoc baselines: LoRA, then prune the merged model once
+    "lora_wanda": ["prune.method=wanda", "prune.schedule=final_only", "prune.pbs=off", "prune.group=output", *END],
+    "lora_sparsegpt": ["prune.method=sparsegpt", "prune.schedule=final_only", "prune.pbs=off", *END],
+    # prune first, then train the adapter under the fixed mask (SQFT-style): the merge is what was trained
+    "wanda_masked_lora": ["prune.method=wanda", "prune.schedule=before_training", "prune.pbs=off",
+                          "prune.group=output", *MASKED],
+    "sparsegpt_masked_lora": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off", *MASKED],
+    # the shipped EfficientXpert default: the domain config as it ships (only the budget overridden)
+    "xpert_default": [],
+    # EfficientXpert with the masked adapter and the compensations of issue 10
+    "xpert_masked": [*EX, "prune.pbs=off", "prune.group=output", *MASKED],
+    "xpert_masked_obs": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output", *MASKED],
+    "xpert_masked_obs_reset": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.adapter_reset=true",
+                               "prune.group=output", *MASKED],
+    "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
+                              "prune.mask_final=fraction:0.5"],
+    "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
+    "xpert_masked_pbs_base_diag": [*EX, "prune.pbs=diagonal", "prune.pbs_order=base", "prune.group=output", *MASKED],
+    "xpert_masked_pbs_full": [*EX, "prune.pbs=full", "prune.pbs_order=adapter", "prune.group=output", *MASKED],
+    # the released recipe and its earlier variants (dense adapter until the end, then merge and re-mask)
+    "wanda_lora": ["prune.method=wanda", "prune.schedule=before_training", "prune.pbs=off", "prune.group=output",
+                   *END],
+    "magnitude": ["prune.method=magnitude", "prune.pbs=off", "prune.group=output", *END],
+    "foresight": [*EX, "prune.pbs=off", "prune.group=output", *END],
+    "foresight_pbs_diag": [*EX, "prune.pbs=diagonal", "prune.group=output", *END],
+    "foresight_pbs_full": [*EX, "prune.pbs=full", "prune.group=output", *END],
+    "foresight_input_group": [*EX, "prune.pbs=diagonal", "prune.group=input", *END],
+    "foresight_layer_group": [*EX, "prune.pbs=diagonal", "prune.group=layer", *END],
+    "foresight_reference": ["prune.method=foresight", "prune.variant=reference", "prune.pbs=diagonal",
+                            "prune.group=output", *END],
+}
+# LoRA, then prune: the dense cell's training with a one-shot prune of its export (train.max_steps=0), which
+# tests/train/test_posthoc.py pins to one run that trains densely and prunes at the end. Their time is the
+# dense cell's training plus their own prune step; their peak memory the larger of the two.
+POSTHOC = {"lora_wanda", "lora_sparsegpt"}
+# validation splits (held out of the training data, never a test file): defaults are chosen on these
+VALID = {"health": "health_valid", "legal": "legal_valid"}
+VALID_WINDOWS = 32
+# every cell but the shipped default says what it reconstructs (the domain configs ship prune.reconstruct=obs)
+for _name, _ov in METHODS.items():
+    if _name != "xpert_default" and not any(o.startswith("prune.reconstruct=") for o in _ov):
+        _ov.insert(0, "prune.reconstruct=off")
+EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]
+BASELINES = ["lora_wanda", "lora_sparsegpt", "wanda_masked_lora", "sparsegpt_masked_lora"]
+SPARSITY_FREE = {"dense_lora"}
+DOMAINS = {"health": ROOT / "configs" / "default_health.yaml", "legal": ROOT / "configs" / "default_legal.yaml"}
+# the budget of every cell (same for all): overrides applied after the domain config. Issue 10: a
+# budget where fine-tuning matters: 150 optimizer steps of 4 x 256 tokens, 32 calibration windows per
+# prune step; in-loop variants prune every 50 steps (steps 50 and 100, then the final mask).
+BUDGET = ["train.max_steps=150", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=32",
+          "prune.prune_every=50"]
+# not part of the budget: a cell checkpoints every 25 steps, so a cell left unfinished resumes from its
+# last checkpoint when the same command runs again (a finished cell is skipped)
+RESUME = ["train.checkpoint_every=25"]
+# PubMedQA: all 400 test items; CaseHOLD: all 200 (the cap is above both sizes); 32 held-out windows
+EVAL = ["eval.max_task_examples=400", "eval.perplexity_windows=32"]
+
+
+def budget_tag() -> str:
+    """Cells of one budget share a cache folder: a changed budget means new cells (old ones stay)."""
+    import hashlib
+
+    return "b" + hashlib.sha256(" ".join(BUDGET).encode()).hexdigest()[:8]
+
+
+CACHE = CACHE_ROOT / budget_tag()
+
+
+def model_override() -> list[str]:
+    """Every cell loads the same weights: SmolLM2-135M dequantised once to fp32 safetensors (the GGUF
+    alias gives identical weights but spends ~20-50 s per cell dequantising)."""
+    sys.path.insert(0, str(ROOT / "bench" / "oneshot"))
+    import common  # noqa: E402
+    import prepare  # noqa: E402
+
+    prepare.convert_model()
+    return [f"model.name_or_path={common.model_dir()}"]
+
+
+def cell_name(domain: str, method: str, sparsity: float) -> str:
+    return f"{domain}-{method}" if method in SPARSITY_FREE else f"{domain}-{method}-s{int(round(sparsity * 100))}"
+
+
+MODEL: list[str] = []
