@@ -32,6 +32,13 @@ METHODS = {
     "xpert_masked_obs": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output", *MASKED],
     "xpert_masked_obs_reset": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.adapter_reset=true",
                                "prune.group=output", *MASKED],
+    # logit distillation from the model as it was before the first prune step (1.77x a step's CPU time,
+    # bench/results/distill_cost.md)
+    "xpert_masked_obs_distill": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.distill=logits",
+                                 "prune.group=output", *MASKED],
+    # one in-loop prune step: the mask is final at step round(0.333 * 150) = 50, then 100 masked steps
+    "xpert_masked_obs_once": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
+                              "prune.mask_final=fraction:0.333"],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
