@@ -125,6 +125,7 @@ class PruneConfig:
     pbs_order: str = "adapter"  # adapter: correction in a new adapter | base: authors' order, in the kept base weights
     reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
     adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed
+    lr_rewind: bool = False  # at in-loop prune steps the LR schedule (warm-up, cosine) restarts over the steps left
     distill: str = "off"  # off | logits: KL to the model as it was before the first prune step (plain torch)
     distill_weight: float = 1.0  # loss = CE + distill_weight · KL(teacher ‖ student) (global token mean)
 
@@ -348,6 +349,8 @@ def validate(cfg: RunConfig) -> None:
     mask_final_fraction(p.mask_final)  # ConfigError on a bad value
     _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
+    if not isinstance(p.lr_rewind, bool):
+        raise ConfigError(f"prune.lr_rewind={p.lr_rewind!r} must be true or false")
     if not isinstance(p.adapter_reset, bool):
         raise ConfigError(f"prune.adapter_reset={p.adapter_reset!r} must be true or false")
     inloop = p.schedule in ("epoch", "steps")

@@ -36,6 +36,9 @@ METHODS = {
     # bench/results/distill_cost.md)
     "xpert_masked_obs_distill": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.distill=logits",
                                  "prune.group=output", *MASKED],
+    # learning-rate rewinding: the schedule restarts after each in-loop prune step (steps 50 and 100)
+    "xpert_masked_obs_rewind": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                "prune.group=output", *MASKED],
     # one in-loop prune step: the mask is final at step round(0.333 * 150) = 50, then 100 masked steps
     "xpert_masked_obs_once": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.333"],

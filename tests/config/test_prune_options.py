@@ -16,6 +16,7 @@ def cfg(**prune):
     ({"pbs_order": "sideways"}, "prune.pbs_order"),
     ({"reconstruct": "sparsegpt"}, "prune.reconstruct"),
     ({"adapter_reset": "yes"}, "prune.adapter_reset"),
+    ({"lr_rewind": "yes"}, "prune.lr_rewind"),
     ({"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "diagonal"}, "compensates twice"),
     ({"method": "sparsegpt", "schedule": "epoch", "pbs": "full"}, "compensates twice"),
     ({"method": "sparsegpt", "reconstruct": "obs", "pbs": "off"}, "second time"),

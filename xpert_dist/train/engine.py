@@ -63,9 +63,13 @@ def load_ds_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
-def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_at(step: int, cfg: RunConfig, total_steps: int, restarts: tuple[int, ...] = ()) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak. ``restarts``: optimizer-step indices at which
+    the schedule starts again (warm-up, then cosine over the steps left): learning-rate rewinding after
+    a prune step (``prune.lr_rewind``; Renda et al. 2020)."""
     t = cfg.train
+    start = max((r for r in restarts if r <= step), default=0)
+    step, total_steps = step - start, total_steps - start
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     frac = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
@@ -96,8 +100,9 @@ class Engine:
     """``step(StepBatch) -> loss``: one optimizer step over this rank's forwards; the loss returned
     is the token mean over the whole global batch (the same on every rank)."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, total_steps: int, world_size: int = 1):
-        self.cfg, self.total_steps = cfg, total_steps
+    def __init__(self, model: nn.Module, cfg: RunConfig, total_steps: int, world_size: int = 1,
+                 lr_restarts: tuple[int, ...] = ()):
+        self.cfg, self.total_steps, self.lr_restarts = cfg, total_steps, tuple(lr_restarts)
         self.steps_done = 0
         self.world_size = world_size
         self.reproducible = bool(cfg.train.reproducible)
@@ -118,7 +123,7 @@ class Engine:
             self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     def _set_lr(self) -> float:
-        lr = lr_at(self.steps_done, self.cfg, self.total_steps)
+        lr = lr_at(self.steps_done, self.cfg, self.total_steps, self.lr_restarts)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr

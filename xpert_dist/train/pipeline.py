@@ -122,7 +122,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         c0 = time.process_time()
         before_s = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False).seconds
         before_cpu = time.process_time() - c0
-    engine = Engine(model, cfg, total, world)
+    restarts = plan.steps if cfg.prune.lr_rewind else ()  # the schedule starts again after each in-loop prune
+    engine = Engine(model, cfg, total, world, lr_restarts=restarts)
     model = engine.module
 
     state = checkpoint.resume(out, model, engine, pruner, ctx, cfg)
@@ -153,7 +154,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         loss = engine.step(batch)
         step += 1
         history.append([step, loss])
-        tracker.step(step, loss, lr_at(step - 1, cfg, total), batch, world, pruner.reports, prune_seconds)
+        tracker.step(step, loss, lr_at(step - 1, cfg, total, restarts), batch, world, pruner.reports, prune_seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if rank == 0 and (step % cfg.train.log_every == 0):
