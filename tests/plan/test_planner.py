@@ -131,3 +131,31 @@ def test_cli_module_entry_point():
                         "--gpus-per-node", "8", "--grad-checkpointing", "--stats-offload", "cpu", "--pbs", "full"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode in (0, 1) and "PRUNE STEP" in r.stdout, r.stderr
+
+
+WIDE = dict(vocab_size=300, hidden_size=2048, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
+            num_key_value_heads=4, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("gpus, stats_offload", [(4, "none"), (4, "cpu"), (2, "none")])
+def test_reduce_scatter_buffers_hand_computed(gpus, stats_offload):
+    """Full statistics (SparseGPT): down_proj's XᵀX is 4096²·4 B = 64 MiB, above the 16 MiB threshold. On 4
+    ranks with 4 calibration batches (one per rank, one tree node each) every rank receives 3 chunks of
+    1024 rows·4096·4 B = 16 MiB; host-offloaded partials add as many device copies of the sent chunks.
+    On 2 ranks the plain path: the owner's receive buffer of the whole 64 MiB."""
+    plan = estimate(PlanSpec(model=ModelShape.from_config(WIDE), nodes=1, gpus_per_node=gpus, seq_len=16,
+                             micro_batch=2, calib_samples=8, method="sparsegpt", pbs="off",
+                             stats_offload=stats_offload))
+    terms = {(t.phase, t.name): t for t in plan.terms if t.step == "prune"}
+    MiB = 1024 ** 2
+    if gpus == 2:
+        assert terms[("solve", "reduction receive buffer (owner)")].bytes == 64 * MiB
+        assert not [k for k in terms if k[0] == "reduce"]
+        return
+    buf = terms[("reduce", "reduce-scatter chunk buffers (largest group)")]
+    assert buf.where == "accel" and buf.bytes == (2 if stats_offload == "cpu" else 1) * 3 * 16 * MiB
+    own = terms[("reduce", "own statistics partials during the reduction (1 per group)")]
+    # one node per rank of every group: q/k/v, o_proj and gate/up inputs (2048²·4 B = 16 MiB each), down_proj's
+    assert own.bytes == (3 * 16 + 64) * MiB
+    assert own.where == ("host" if stats_offload == "cpu" else "accel")
+    assert ("solve", "reduction receive buffer (owner)") not in terms

@@ -21,7 +21,9 @@ What lives where (as the code in this repository does it):
   for this rank's calibration batches stay in host memory; statistics are accumulated per group
   of the current block as canonical-tree partials (up to ``⌊log2 K_local⌋+2`` accumulators), on
   the accelerator or, with ``--stats-offload cpu|disk``, on the host; the owner then holds the
-  reduced statistic of its largest group plus the solver workspace of the largest module.
+  reduced statistic of its largest group plus the solver workspace of the largest module. On 3+
+  ranks a statistic of 16 MiB or more is reduced by reduce-scatter (``distributed/scatter_reduce.py``):
+  while every rank still holds its own partials it receives its row chunk of every other rank's.
 """
 from __future__ import annotations
 
@@ -201,7 +203,26 @@ def estimate(spec: PlanSpec) -> Plan:
             add("prune", "accumulate", accel, f"statistics tree partials ({partials} incl. leaf)",
                 partials * total_group, "peak partials·Σ_groups (d² full | d diag)·stats bytes")
         big = max(group_bytes.values())
-        if W > 1:
+        reduce_held = False
+        from ..distributed.multirank import SCATTER_MIN_BYTES, SCATTER_MIN_WORLD
+        from ..stats.tree import maximal_nodes
+
+        if W >= max(2, SCATTER_MIN_WORLD) and big >= SCATTER_MIN_BYTES:
+            # distributed/scatter_reduce.py: every rank receives its row chunk of every other rank's
+            # partials (its maximal tree nodes) at once, while its own partials of every group are still held
+            g_big = max(group_bytes, key=group_bytes.get)
+            row = group_bytes[g_big] / dims[g_big]  # d·stats bytes (full) or stats bytes (diagonal)
+            chunk = math.ceil(dims[g_big] / W) * row
+            nodes = max(len(maximal_nodes(*_shard(K, W, r))) for r in range(W))
+            add("prune", "reduce", where_s, f"own statistics partials during the reduction ({nodes} per group)",
+                nodes * total_group, "maximal tree nodes·Σ_groups")
+            sends = 2 if where_s == "host" else 1  # host partials: the sent chunks are device copies until sent
+            add("prune", "reduce", accel, "reduce-scatter chunk buffers (largest group)",
+                max(sends * (W - 1) * nodes * chunk, chunk),
+                f"max({sends}·(W-1)·{nodes} nodes·⌈d/W⌉·row bytes received{' + sent' if sends == 2 else ''}, "
+                f"folded chunk) ({g_big})")
+            reduce_held = True
+        elif W > 1:
             add("prune", "solve", accel, "reduction receive buffer (owner)", big, "largest group")
         if spec.stats_offload == "disk":
             add("prune", "solve", "disk", "finished statistics (one block)", total_group, "Σ_groups")
@@ -212,6 +233,9 @@ def estimate(spec: PlanSpec) -> Plan:
         diag_rest = sum(d * sb for g, d in dims.items()) if needs_full else 0
         add("prune", "solve", accel, "reduced statistics held (worst owner) + diagonals", held + diag_rest,
             "Σ owned groups (assign_owners) + Σ_groups d·stats bytes")
+        if reduce_held:  # bound: the owner may already hold every group it owns when the largest is reduced
+            add("prune", "reduce", accel, "reduced statistics held (worst owner)", held,
+                "Σ owned groups (assign_owners)")
     add("prune", "solve", accel, "effective weights U (fp32)", (n_lin + nxt) * 4,
         "block linears (+ next block's q,k,v,gate,up for ForeSight)·4B")
     if spec.method != "sparsegpt":
@@ -248,7 +272,7 @@ def estimate(spec: PlanSpec) -> Plan:
 
     # ------------------------------------------------------------------ peaks
     peaks, fits = {}, {}
-    for step, phases in (("train", ("compute",)), ("prune", ("capture", "accumulate", "solve"))):
+    for step, phases in (("train", ("compute",)), ("prune", ("capture", "accumulate", "reduce", "solve"))):
         res = {}
         for where in ("accel", "host", "disk"):
             base = sum(t.bytes for t in terms if t.step == step and t.where == where and t.phase == "resident")

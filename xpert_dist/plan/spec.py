@@ -108,7 +108,7 @@ class PlanSpec:
 @dataclass
 class Term:
     step: str  # "train" | "prune"
-    phase: str  # "resident" | "compute" (train) ; "resident" | "accumulate" | "solve" (prune)
+    phase: str  # "resident" | "compute" (train) ; "resident" | "capture" | "accumulate" | "reduce" | "solve" (prune)
     where: str  # "accel" | "host" | "disk"
     name: str
     bytes: float
