@@ -109,3 +109,14 @@ def test_concurrent_runs_evaluate_the_base_model_once(tmp_path, monkeypatch):
     results = [json.loads(o.read_text()) for o in outs]
     assert all(r["metrics"] == {"perplexity": 7.0, "perplexity_windows": 2} for r in results)
     assert sorted(r["cached"] for r in results) == [False, True]
+
+
+def test_cache_folder_precedence(tmp_path, monkeypatch):
+    """eval.cache_dir, then $XPERT_DIST_CACHE, then $XDG_CACHE_HOME/xpert_dist."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("XPERT_DIST_CACHE", raising=False)
+    plain = config_from_dict({**tiny(tmp_path, None), "eval": {**tiny(tmp_path, None)["eval"], "cache_dir": None}})
+    assert reference.cache_dir(plain) == tmp_path / "xdg" / "xpert_dist"
+    monkeypatch.setenv("XPERT_DIST_CACHE", str(tmp_path / "env"))
+    assert reference.cache_dir(plain) == tmp_path / "env"
+    assert reference.cache_dir(config_from_dict(tiny(tmp_path, tmp_path / "cfg"))) == tmp_path / "cfg"

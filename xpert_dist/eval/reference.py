@@ -2,7 +2,7 @@
 
 * **base**: the unpruned, un-fine-tuned model of ``cfg.model`` evaluated with the run's evaluation
   settings, once per (model, evaluation settings): the metrics are cached as JSON under
-  ``<eval.cache_dir or ~/.cache/xpert_dist>/base_eval/<key>.json``, ``key`` = sha256 of the model
+  ``<eval.cache_dir, $XPERT_DIST_CACHE or ~/.cache/xpert_dist>/base_eval/<key>.json``, ``key`` = sha256 of the model
   source (name/path, GGUF file, dtype, quantization, tiny config and seed for random models), the
   domain and every ``eval`` setting that changes the numbers, and the transformers/torch versions.
   ``eval.base_reference=false`` skips it. Concurrent runs needing one entry evaluate it once (a file lock).
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir(cfg: RunConfig) -> Path:
+    """``eval.cache_dir``, else ``$XPERT_DIST_CACHE``, else ``$XDG_CACHE_HOME/xpert_dist`` (``~/.cache``)."""
     if cfg.eval.cache_dir:
         return Path(cfg.eval.cache_dir)
+    if os.environ.get("XPERT_DIST_CACHE"):
+        return Path(os.environ["XPERT_DIST_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "xpert_dist"
 
