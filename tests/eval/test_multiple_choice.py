@@ -155,3 +155,43 @@ def test_peft_wrapped_model_scores_like_its_base(tiny_model, tok):
     base = score_items(tiny_model, tok, items, progress=False)
     got = score_items(wrapped, tok, items, progress=False)  # adapter B is zero at init
     assert all(abs(a - b) < 1e-5 for r, g in zip(base, got) for a, b in zip(r, g))
+
+
+class Recording(torch.nn.Module):
+    """Passes through to ``model``, recording each forward's input shape; ``attn`` sets the attention kernel
+    the scorer sees in ``config._attn_implementation``."""
+
+    def __init__(self, model, attn=None):
+        super().__init__()
+        self.inner, self.shapes = [model], []  # a list: not registered, so parameters() are the model's only
+        self.config = SimpleNamespace(_attn_implementation=attn)
+
+    def parameters(self, recurse=True):
+        return self.inner[0].parameters(recurse)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        self.shapes.append(tuple(input_ids.shape))
+        return self.inner[0](input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+def test_prompt_computed_once_per_item(tiny_model64, tok, sample_data):
+    """Multi-token options (CaseHOLD holdings): one row per item, prompt + every holding, and the scores equal
+    one float64 forward per option; a kernel without custom masks falls back to one row per option."""
+    items = casehold_items(load_records("casehold").select(range(3)))
+    max_len = 4096  # nothing cut: every option sees the whole prompt
+    ref = reference_scores(tiny_model64, tok, items, max_len)
+    packed = Recording(tiny_model64, attn="sdpa")
+    got = score_items(packed, tok, items, batch_size=3, max_len=max_len, progress=False)
+    def cont_len(it, opt):
+        return len(tok.encode(it.prompt + it.delimiter + opt)) - len(tok.encode(it.prompt.rstrip()))
+
+    # a row: the prompt once, then each option's tokens but its last (which is only predicted)
+    width = max(len(tok.encode(it.prompt.rstrip())) + sum(cont_len(it, o) - 1 for o in it.options) for it in items)
+    assert packed.shapes == [(3, width)]  # 3 items, one row each
+    for r, g in zip(ref, got):
+        assert all(abs(a - b) < 1e-8 * max(1.0, abs(a)) for a, b in zip(r, g))
+    flash = Recording(tiny_model64, attn="flash_attention_2")
+    again = score_items(flash, tok, items, batch_size=3, max_len=max_len, progress=False)
+    assert flash.shapes[0][0] == sum(len(it.options) for it in items)  # one row per option
+    for r, g in zip(ref, again):
+        assert all(abs(a - b) < 1e-8 * max(1.0, abs(a)) for a, b in zip(r, g))

@@ -4,10 +4,16 @@ An item is a prompt and several options; each option is scored by the summed log
 tokens as a continuation of the prompt. ``acc``: the option with the largest sum is right; ``acc_norm``:
 the largest sum divided by the option's length in characters. Ties go to the first option.
 
-Scoring is batched: all options of ``batch_size`` items go through the model in one right-padded forward
-(options whose model input is identical share one row), and the continuation tokens' log-probabilities are
-gathered from it. Items are processed longest first
-(less padding) and reported in input order. Prompts too long for ``max_len`` are cut from the left.
+Scoring is batched, ``batch_size`` items per right-padded forward, and an item's prompt is computed once:
+its row holds the prompt followed by every option's continuation, each continuation attending to the
+prompt and to itself only (a block-causal 4D attention mask; positions restart after the prompt), so a
+CaseHOLD item costs one prompt plus five holdings instead of five prompts. The continuation tokens'
+log-probabilities are gathered from that row; they equal one forward per option up to float rounding
+(tests/eval/test_multiple_choice.py, float64 reference). Items whose options see different prompt tokens
+(the left cut for ``max_len`` differs per option) and models on attention kernels without custom masks
+(e.g. flash-attention-2) take one row per option instead (options whose input is identical share one).
+Items are processed longest first (less padding) and reported in input order. Prompts too long for
+``max_len`` are cut from the left.
 """
 from __future__ import annotations
 
@@ -147,6 +153,76 @@ def _score_batch(model, rows, pad: int, device, keep_ok: bool) -> list[float]:
     return sums
 
 
+def _packed(per_item) -> tuple[list[int], list[list[int]]] | None:
+    """(shared head, continuations) of an item whose options all see the same tokens before their first
+    scored position, else None. The head's last token predicts each continuation's first token."""
+    heads = {tuple(inp[: len(inp) - n + 1]) for inp, n, _ in per_item}
+    if len(heads) != 1:
+        return None
+    return list(heads.pop()), [cont for _, _, cont in per_item]
+
+
+def _mask_dtype(model) -> torch.dtype:
+    for p in model.parameters() if hasattr(model, "parameters") else ():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _packs_ok(model) -> bool:
+    """Whether the model's attention honours a custom 4D mask (eager, SDPA; not flash-attention)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return impl in (None, "eager", "sdpa")
+
+
+def _score_packed(model, packs, pad: int, device, keep_ok: bool) -> list[list[float]]:
+    """Per packed item (head, continuations): each continuation's summed log-probability, from one row
+    ``head + cont_1[:-1] + cont_2[:-1] + ...`` with a block-causal mask."""
+    layouts, rows = [], []
+    for head, conts in packs:
+        ids, pos, seg = list(head), list(range(len(head))), [-1] * len(head)  # seg -1: the shared head
+        starts = []
+        for j, cont in enumerate(conts):
+            starts.append(len(ids))
+            ids += cont[:-1]
+            pos += range(len(head), len(head) + len(cont) - 1)
+            seg += [j] * (len(cont) - 1)
+        layouts.append((len(head), starts))
+        rows.append((ids, pos, seg))
+    width = max(len(ids) for ids, _, _ in rows)
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    pos_t = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, (ids, pos, seg) in enumerate(rows):
+        n = len(ids)
+        ids_t[r, :n] = torch.tensor(ids, dtype=torch.long)
+        pos_t[r, :n] = torch.tensor(pos, dtype=torch.long)
+        s = torch.tensor(seg)
+        same = (s[:, None] == s[None, :]) | (s[None, :] == -1)  # own segment or the head
+        allowed[r, 0, :n, :n] = same & causal[:n, :n]
+        idx = torch.arange(n, width)
+        allowed[r, 0, idx, idx] = True  # padding attends to itself (no empty softmax row)
+    dtype = _mask_dtype(model)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    first = min(h - 1 for h, _ in layouts)  # earliest position whose logits are needed
+    kwargs = {"logits_to_keep": width - first} if keep_ok else {}
+    logits = logits_of(model, ids_t.to(device), mask.to(device), position_ids=pos_t.to(device), **kwargs)
+    offset = width - logits.size(1)
+    out = []
+    for r, ((head_len, starts), (_, conts)) in enumerate(zip(layouts, packs)):
+        sums = []
+        for start, cont in zip(starts, conts):
+            where = [head_len - 1] + list(range(start, start + len(cont) - 1))
+            sel = torch.tensor(where, device=logits.device) - offset
+            logp = torch.log_softmax(at_least_fp32(logits[r, sel]), dim=-1)
+            target = torch.tensor(cont, dtype=torch.long, device=logp.device).unsqueeze(-1)
+            sums.append(float(logp.gather(-1, target).double().sum()))
+        out.append(sums)
+    return out
+
+
 def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int = 8, max_len: int | None = None,
                 progress: bool = True) -> list[list[float]]:
     """Summed log-probability of every option of every item (input order), ``batch_size`` items per forward."""
@@ -161,6 +237,7 @@ def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int = 8, 
     requests = _encode_requests(tokenizer, items, max_len)
     order = sorted(range(len(items)), key=lambda i: -max(len(inp) for inp, _, _ in requests[i]))
     device, pad, keep_ok = model_device(model), pad_id(tokenizer), _accepts_logits_to_keep(model)
+    pack_ok = _packs_ok(model)
     scores: list[list[float]] = [[] for _ in items]
     was_training = getattr(model, "training", False)
     model.eval()
@@ -169,10 +246,18 @@ def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int = 8, 
             starts = range(0, len(order), batch_size)
             for s in tqdm(starts, desc="multiple choice", unit="batch", disable=not progress, leave=False):
                 chunk = order[s: s + batch_size]
-                rows = [row for i in chunk for row in requests[i]]
-                sums = iter(_score_batch(model, rows, pad, device, keep_ok))
-                for i in chunk:
-                    scores[i] = [next(sums) for _ in requests[i]]
+                packs = {i: _packed(requests[i]) for i in chunk} if pack_ok else {}
+                packed = [i for i in chunk if packs.get(i) is not None]
+                if packed:
+                    for i, sums in zip(packed, _score_packed(model, [packs[i] for i in packed], pad, device,
+                                                             keep_ok)):
+                        scores[i] = sums
+                rest = [i for i in chunk if i not in packed]
+                if rest:
+                    rows = [row for i in rest for row in requests[i]]
+                    sums = iter(_score_batch(model, rows, pad, device, keep_ok))
+                    for i in rest:
+                        scores[i] = [next(sums) for _ in requests[i]]
     finally:
         if was_training:
             model.train()
