@@ -163,11 +163,11 @@ class Recording(torch.nn.Module):
 
     def __init__(self, model, attn=None):
         super().__init__()
-        self.inner, self.shapes = [model], []  # a list: not registered, so parameters() are the model's only
-        self.config = SimpleNamespace(_attn_implementation=attn)
+        self.inner, self.shapes = [model], []  # a list: not registered as a submodule
+        self.config = SimpleNamespace(_attn_implementation=attn or model.config._attn_implementation)
 
-    def parameters(self, recurse=True):
-        return self.inner[0].parameters(recurse)
+    def get_input_embeddings(self):
+        return self.inner[0].get_input_embeddings()
 
     def forward(self, input_ids, attention_mask=None, **kw):
         self.shapes.append(tuple(input_ids.shape))
@@ -180,7 +180,7 @@ def test_prompt_computed_once_per_item(tiny_model64, tok, sample_data):
     items = casehold_items(load_records("casehold").select(range(3)))
     max_len = 4096  # nothing cut: every option sees the whole prompt
     ref = reference_scores(tiny_model64, tok, items, max_len)
-    packed = Recording(tiny_model64, attn="sdpa")
+    packed = Recording(tiny_model64)
     got = score_items(packed, tok, items, batch_size=3, max_len=max_len, progress=False)
     def cont_len(it, opt):
         return len(tok.encode(it.prompt + it.delimiter + opt)) - len(tok.encode(it.prompt.rstrip()))
@@ -194,4 +194,18 @@ def test_prompt_computed_once_per_item(tiny_model64, tok, sample_data):
     again = score_items(flash, tok, items, batch_size=3, max_len=max_len, progress=False)
     assert flash.shapes[0][0] == sum(len(it.options) for it in items)  # one row per option
     for r, g in zip(ref, again):
+        assert all(abs(a - b) < 1e-8 * max(1.0, abs(a)) for a, b in zip(r, g))
+
+
+def test_packed_rows_under_eager_attention(tiny_model64, tok, sample_data):
+    """Eager attention takes the block-causal mask as an additive float mask: same scores as the reference."""
+    import copy
+
+    eager = copy.deepcopy(tiny_model64)
+    eager.set_attn_implementation("eager")
+    assert eager.config._attn_implementation == "eager"
+    items = casehold_items(load_records("casehold").select(range(2))) + pubmed_like([0])
+    ref = reference_scores(tiny_model64, tok, items, 4096)
+    got = score_items(eager, tok, items, batch_size=3, max_len=4096, progress=False)
+    for r, g in zip(ref, got):
         assert all(abs(a - b) < 1e-8 * max(1.0, abs(a)) for a, b in zip(r, g))

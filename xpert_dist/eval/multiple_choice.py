@@ -162,18 +162,24 @@ def _packed(per_item) -> tuple[list[int], list[list[int]]] | None:
     return list(heads.pop()), [cont for _, _, cont in per_item]
 
 
-def _mask_dtype(model) -> torch.dtype:
-    for p in model.parameters() if hasattr(model, "parameters") else ():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+def _attention(model) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+
+
+def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The block-causal mask as the model's attention takes it: boolean for SDPA (True: attend), additive
+    (0 / dtype minimum, in the hidden states' dtype) for eager attention."""
+    if _attention(model) != "eager":
+        return allowed
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = emb.weight.dtype if emb is not None else torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _packs_ok(model) -> bool:
     """Whether the model's attention honours a custom 4D mask (eager, SDPA; not flash-attention)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    return impl in (None, "eager", "sdpa")
+    return _attention(model) in (None, "eager", "sdpa")
 
 
 def _score_packed(model, packs, pad: int, device, keep_ok: bool) -> list[list[float]]:
@@ -204,8 +210,7 @@ def _score_packed(model, packs, pad: int, device, keep_ok: bool) -> list[list[fl
         allowed[r, 0, :n, :n] = same & causal[:n, :n]
         idx = torch.arange(n, width)
         allowed[r, 0, idx, idx] = True  # padding attends to itself (no empty softmax row)
-    dtype = _mask_dtype(model)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = _custom_mask(model, allowed)
     first = min(h - 1 for h, _ in layouts)  # earliest position whose logits are needed
     kwargs = {"logits_to_keep": width - first} if keep_ok else {}
     logits = logits_of(model, ids_t.to(device), mask.to(device), position_ids=pos_t.to(device), **kwargs)
