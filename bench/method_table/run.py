@@ -2,6 +2,7 @@
 """The EfficientXpert method table on SmolLM2-135M: every baseline and variant, side by side.
 
     python bench/method_table/run.py [--domains health,legal] [--sparsities 0.4,0.5] [--only NAME,...]
+    python bench/method_table/run.py --report     # the table from the finished cells, nothing launched
 
 Each cell (domain × sparsity × method) is one run of ``launchers/run.py`` in its own process (so
 its wall time and peak RSS are its own), with the same data, steps and evaluation as every other
@@ -208,9 +209,16 @@ def main() -> int:
     ap.add_argument("--sparsities", default="0.4,0.5")
     ap.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every cell")
+    ap.add_argument("--report", action="store_true", help="only write the table from the finished cells")
     args = ap.parse_args()
     MODEL.extend(model_override())
-    methods = args.only.split(",") if args.only else list(METHODS)
+    methods = [] if args.report else args.only.split(",") if args.only else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--only: unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    bad = [d for d in args.domains.split(",") if d not in DOMAINS]
+    if bad:
+        ap.error(f"--domains: unknown domain(s) {', '.join(bad)} (known: {', '.join(DOMAINS)})")
     cells = {}
     for domain in args.domains.split(","):
         for s in (float(x) for x in args.sparsities.split(",")):
