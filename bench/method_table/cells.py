@@ -42,6 +42,10 @@ METHODS = {
     # one in-loop prune step: the mask is final at step round(0.333 * 150) = 50, then 100 masked steps
     "xpert_masked_obs_once": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.333"],
+    # ForeSight + OBS on the base model before training, then 150 masked steps (SparseGPT -> masked LoRA's
+    # schedule with the ForeSight mask): separates the mask from the in-loop timing
+    "xpert_before_obs": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
+                         "prune.schedule=before_training", *MASKED],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
