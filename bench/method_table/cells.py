@@ -71,9 +71,12 @@ POSTHOC = {"lora_wanda", "lora_sparsegpt"}
 VALID = {"health": "health_valid", "legal": "legal_valid"}
 VALID_WINDOWS = 32
 # every cell but the shipped default says what it reconstructs (the domain configs ship prune.reconstruct=obs)
+# and whether it rewinds the learning rate (prune.lr_rewind), so that a changed shipped default changes no
+# other cell
 for _name, _ov in METHODS.items():
-    if _name != "xpert_default" and not any(o.startswith("prune.reconstruct=") for o in _ov):
-        _ov.insert(0, "prune.reconstruct=off")
+    for _opt, _off in (("prune.reconstruct=", "off"), ("prune.lr_rewind=", "false")):
+        if _name != "xpert_default" and not any(o.startswith(_opt) for o in _ov):
+            _ov.insert(0, _opt + _off)
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]
 BASELINES = ["lora_wanda", "lora_sparsegpt", "wanda_masked_lora", "sparsegpt_masked_lora"]
 SPARSITY_FREE = {"dense_lora"}

@@ -63,12 +63,24 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
     return res
 
 
+def cell_overrides(domain: str, method: str, sparsity: float, extra: list[str]) -> list[str]:
+    """The overrides a cell runs with (after its domain config)."""
+    overrides = [f"prune.sparsity={sparsity}", *BUDGET, *RESUME, *EVAL, *METHODS[method], *MODEL, *extra]
+    if method in POSTHOC:  # the dense cell's export pruned one-shot; its "base model" is that export, so no
+        # base-model reference (the dense cell is the reference)
+        overrides += [f"model.name_or_path={CACHE / cell_name(domain, 'dense_lora', sparsity) / 'model'}",
+                      "train.max_steps=0", "eval.base_reference=false"]
+    return overrides
+
+
 def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dict | None:
     name = cell_name(domain, method, sparsity)
     out = CACHE / name
+    overrides = cell_overrides(domain, method, sparsity, extra)
     if (out / "results.json").is_file():
-        return current_evaluation(out)
-    overrides = [f"prune.sparsity={sparsity}", *BUDGET, *RESUME, *EVAL, *METHODS[method], *MODEL, *extra]
+        if not _stale(out, domain, overrides):
+            return current_evaluation(out)
+        _set_aside(out, domain, sparsity)
     same = _finished_twin(domain, overrides)
     if same is not None:
         print(f"[method_table] {name}: same run config as {same.name}, its results are this cell's", flush=True)
@@ -81,9 +93,6 @@ def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dic
         dense = run_cell(domain, "dense_lora", sparsity, extra)
         if dense is None:
             return None
-        # its "base model" would be the dense export: no base-model reference (the dense cell is the reference)
-        overrides += [f"model.name_or_path={CACHE / cell_name(domain, 'dense_lora', sparsity) / 'model'}",
-                      "train.max_steps=0", "eval.base_reference=false"]
     res = launch(name, out, domain, overrides, CACHE)
     if res is not None and dense is not None:
         res = _posthoc_accounting(out, res, dense)
@@ -99,18 +108,55 @@ def _resolved(domain: str, overrides: list[str]) -> dict:
 
 
 def _comparable(cfg: dict) -> dict:
-    """A run config without name and paths of its own, model path resolved (a worktree or symlink is the same
-    model), evaluation reduced to the settings that change a metric."""
-    out = {k: v for k, v in cfg.items() if k not in ("name", "output_dir")}
+    """A run config without name and paths of its own, fields added since it was written at their defaults,
+    model path resolved (a worktree or symlink is the same model), evaluation reduced to the settings that
+    change a metric."""
+    from xpert_dist.config import config_from_dict
+
+    out = {k: v for k, v in config_from_dict(cfg).to_dict().items() if k not in ("name", "output_dir")}
     out["model"] = {**out["model"], "name_or_path": os.path.realpath(out["model"]["name_or_path"])}
     out["eval"] = _metric_settings(out["eval"])
     return out
+
+
+def _stale(out: Path, domain: str, overrides: list[str]) -> bool:
+    """Whether a finished cell ran another config than its method now gives (e.g. ``xpert_default`` after the
+    domain config changed). Only the shipped default can change meaning: every other method pins its options."""
+    cfg = json.loads((out / "results.json").read_text()).get("config")
+    return bool(cfg) and out.name.split("-")[1] == "xpert_default" and \
+        _comparable(cfg) != _comparable(_resolved(domain, overrides))
+
+
+def _set_aside(out: Path, domain: str, sparsity: float) -> None:
+    """Move a stale cell to the method whose config it ran (if that cell is not there yet), else out of the
+    table (``<cell>.stale``): its results stay, under the name of what they measured."""
+    cfg = _comparable(json.loads((out / "results.json").read_text())["config"])
+    for method in METHODS:
+        if method == "xpert_default":
+            continue
+        target = CACHE / cell_name(domain, method, sparsity)
+        if _comparable(_resolved(domain, cell_overrides(domain, method, sparsity, []))) == cfg:
+            if not (target / "results.json").is_file():
+                print(f"[method_table] {out.name} ran what is now {target.name}: moved there", flush=True)
+                out.rename(target)
+                return
+            break
+    dest = out.with_name(out.name + ".stale")
+    print(f"[method_table] {out.name} ran another config than the shipped default: set aside as {dest.name}",
+          flush=True)
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    out.rename(dest)
 
 
 def _finished_twin(domain: str, overrides: list[str]) -> Path | None:
     """A finished cell of this budget whose run config equals the one ``overrides`` give, if any."""
     want = _comparable(_resolved(domain, overrides))
     for res_file in sorted(CACHE.glob(f"{domain}-*/results.json")):
+        if res_file.parent.name.endswith(".stale"):
+            continue
         cfg = json.loads(res_file.read_text()).get("config", {})
         if cfg and _comparable(cfg) == want:
             return res_file.parent
@@ -230,8 +276,17 @@ def main() -> int:
                 if res is not None:
                     cells[name] = res
     for res_file in sorted(CACHE.glob("*/results.json")):  # include cells of this budget from earlier sittings
-        if res_file.parent.name not in cells:
-            cells[res_file.parent.name] = current_evaluation(res_file.parent)
+        out = res_file.parent
+        if out.name in cells or out.name.endswith(".stale"):
+            continue
+        domain, method = out.name.split("-")[:2]
+        if method == "xpert_default":  # the shipped default: only if it still is what the domain config ships
+            pct = int(out.name.rsplit("-s", 1)[1])
+            if _stale(out, domain, cell_overrides(domain, method, pct / 100, args.extra)):
+                print(f"[method_table] {out.name}: not the current shipped default (run it again: "
+                      f"--domains {domain} --sparsities {pct / 100} --only xpert_default)", flush=True)
+                continue
+        cells[out.name] = current_evaluation(out)
     if not cells:  # nothing finished at this budget: keep the recorded table of the previous one
         print("[method_table] no finished cell at this budget; bench/results/method_table.* left as they are")
         return 0
