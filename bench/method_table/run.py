@@ -16,7 +16,7 @@ intervals. Defaults are chosen only on the validation column: perplexity of ever
 MultiLegalPile eval) choose nothing. The post-hoc baselines (LoRA, then prune) are the dense cell's
 export pruned one-shot (``train.max_steps=0``), so their training is run once per domain. A cell whose
 resolved run config equals a finished cell's (e.g. ``xpert_default`` and the variant it ships) is that
-cell. Writes ``bench/results/method_table.json`` and ``.md``.
+cell; when the shipped default changes, a cached ``xpert_default`` is moved to the variant it ran. Writes ``bench/results/method_table.json`` and ``.md``.
 The cells (budget, methods, domains) are defined in ``cells.py``; the table is written by ``report.py``.
 Time and memory against plain LoRA are measured side by side by ``timing.py`` (the cells run hours
 apart on a shared machine); the goals section uses that measurement when it exists.
