@@ -139,6 +139,9 @@ def _set_aside(out: Path, domain: str, sparsity: float) -> None:
             if not (target / "results.json").is_file():
                 print(f"[method_table] {out.name} ran what is now {target.name}: moved there", flush=True)
                 out.rename(target)
+                log = CACHE / f"{out.name}.log"
+                if log.is_file():
+                    log.rename(CACHE / f"{target.name}.log")
                 return
             break
     dest = out.with_name(out.name + ".stale")
