@@ -114,7 +114,10 @@ def _comparable(cfg: dict) -> dict:
     from xpert_dist.config import config_from_dict
 
     out = {k: v for k, v in config_from_dict(cfg).to_dict().items() if k not in ("name", "output_dir")}
-    out["model"] = {**out["model"], "name_or_path": os.path.realpath(out["model"]["name_or_path"])}
+    path = os.path.realpath(out["model"]["name_or_path"])
+    # a model under the bench cache is the same model from any checkout or worktree (also one removed since)
+    path = path.split("/bench/results/cache/", 1)[-1]
+    out["model"] = {**out["model"], "name_or_path": path}
     out["eval"] = _metric_settings(out["eval"])
     return out
 
