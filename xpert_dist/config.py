@@ -296,6 +296,11 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+def _boolean(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -349,10 +354,8 @@ def validate(cfg: RunConfig) -> None:
     mask_final_fraction(p.mask_final)  # ConfigError on a bad value
     _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
-    if not isinstance(p.lr_rewind, bool):
-        raise ConfigError(f"prune.lr_rewind={p.lr_rewind!r} must be true or false")
-    if not isinstance(p.adapter_reset, bool):
-        raise ConfigError(f"prune.adapter_reset={p.adapter_reset!r} must be true or false")
+    _boolean("prune.lr_rewind", p.lr_rewind)
+    _boolean("prune.adapter_reset", p.adapter_reset)
     inloop = p.schedule in ("epoch", "steps")
     if p.method == "sparsegpt" and p.pbs != "off" and inloop:
         raise ConfigError("prune.method=sparsegpt with in-loop prune steps and prune.pbs compensates twice "
@@ -398,8 +401,7 @@ def validate(cfg: RunConfig) -> None:
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide "
                           f"train.batch_size={t.batch_size} (the global batch)")
-    if not isinstance(t.reproducible, bool):
-        raise ConfigError(f"train.reproducible={t.reproducible!r} must be true or false")
+    _boolean("train.reproducible", t.reproducible)
     if t.reproducible and cfg.ds_config is not None:
         raise ConfigError(f"train.reproducible=true needs plain torch data parallelism, not ds_config="
                           f"{cfg.ds_config}: DeepSpeed reduces gradients in an order that depends on the world size")
@@ -414,11 +416,8 @@ def validate(cfg: RunConfig) -> None:
         _choice("eval.tasks", task, ("pubmedqa", "casehold"))
     _positive("eval.perplexity_windows", e.perplexity_windows, allow_zero=True)
     _positive("eval.perplexity_seq_len", e.perplexity_seq_len)
-    for name in ("base_reference",):
-        if not isinstance(getattr(e, name), bool):
-            raise ConfigError(f"eval.{name}={getattr(e, name)!r} must be true or false")
-    if not isinstance(t.tensorboard, bool):
-        raise ConfigError(f"train.tensorboard={t.tensorboard!r} must be true or false")
+    _boolean("eval.base_reference", e.base_reference)
+    _boolean("train.tensorboard", t.tensorboard)
     if e.reference_run is not None and not (Path(e.reference_run) / "results.json").is_file():
         raise ConfigError(f"eval.reference_run={e.reference_run}: no results.json there (not a finished run)")
     _choice("domain", cfg.domain, ("health", "legal", "general", "custom"))
