@@ -46,6 +46,11 @@ METHODS = {
     # schedule with the ForeSight mask): separates the mask from the in-loop timing
     "xpert_before_obs": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                          "prune.schedule=before_training", *MASKED],
+    # the shipped default's rewinding combined with distillation, and with a single prune step at step 50
+    "xpert_masked_obs_rewind_distill": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                        "prune.distill=logits", "prune.group=output", *MASKED],
+    "xpert_masked_obs_once_rewind": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                     "prune.group=output", "prune.mask_final=fraction:0.333"],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],

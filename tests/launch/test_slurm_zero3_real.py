@@ -29,7 +29,7 @@ def test_sbatch_zero3_smollm2(slurm_cluster, tmp_path):
                          "prune.prune_every=1", "train.batch_size=2", "train.warmup_steps=1", "data.calib_samples=4",
                          "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]", "eval.perplexity_windows=2",
                          "eval.perplexity_seq_len=64", "prune.offload=none",
-                         "prune.pbs=diagonal", "prune.reconstruct=off", "eval.base_reference=false"],
+                         "eval.base_reference=false"],  # the shipped pruning: ForeSight + OBS, LR rewinding
                         layout="1x2", log=str(tmp_path / "job.out"), ds_config="ds_configs/zero3.json", env=env,
                         extra=["--time=00:20:00", "--no-requeue"])
     state = sbatch.wait(job, timeout_s=900)
