@@ -27,11 +27,13 @@ def _grads(fn, tensors, gy):
     return y.detach(), [t.grad for t in ts]
 
 
+@pytest.mark.parametrize("implicit", [False, True], ids=["bits", "support"])
 @pytest.mark.parametrize("merged", [True, False])
-def test_matches_float64_autograd_oracle(merged):
+def test_matches_float64_autograd_oracle(merged, implicit):
+    """``implicit``: no bits, the mask is read from the base weight's support (W != 0)."""
     keep, W, b, A, B, x, xd, gy = _case(0)
     s = 0.75
-    bits = pack_bits(keep)
+    bits = None if implicit else pack_bits(keep)
 
     def oracle(x_, xd_, A_, B_, b_):
         delta = (B_ @ A_) * keep * s

@@ -15,6 +15,10 @@ matmul), so the masked phase holds no more activations than plain LoRA. The adap
 
 Parameters are read from ``ctx`` attributes, not ``save_for_backward``, so a ZeRO-3 engine's re-gather
 before the module's backward is what the backward sees.
+
+``bits=None``: the mask is the base weight's support, ``M = (W != 0)`` (valid when ``W`` is exactly zero
+off the mask and non-zero on it; the caller checks that once). Nothing is stored per module, and under
+ZeRO-3 the mask is partitioned with the weight it is read from.
 """
 from __future__ import annotations
 
@@ -32,16 +36,21 @@ def _delta(A: Tensor, B: Tensor, keep: Tensor, scaling: float) -> Tensor:
     return (B @ A).mul_(keep).mul_(scaling)
 
 
+def _keep(weight: Tensor, bits: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """The keep mask in ``dtype``: unpacked from ``bits``, or the support of ``weight`` (``bits=None``)."""
+    return (weight != 0).to(dtype) if bits is None else unpack_bits(bits, shape).to(dtype)
+
+
 class _MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling):
-        delta = _delta(A, B, unpack_bits(bits, shape).to(A.dtype), scaling)
+        delta = _delta(A, B, _keep(weight, bits, shape, A.dtype), scaling)
         if xd is None:
             y = F.linear(x, weight.to(delta.dtype) + delta, bias)
         else:
             y = F.linear(x, weight, bias) + F.linear(xd, delta)
         # the adapter's input is all the backward needs (∂x comes from the weights and g)
-        ctx.save_for_backward(x if xd is None else xd, bits)
+        ctx.save_for_backward(x if xd is None else xd, bits)  # bits None: a None slot
         ctx.merged, ctx.shape, ctx.scaling = xd is None, shape, scaling
         ctx.weight, ctx.A, ctx.B = weight, A, B
         return y
@@ -50,7 +59,7 @@ class _MaskedLoRALinear(torch.autograd.Function):
     def backward(ctx, g):
         a_in, bits = ctx.saved_tensors
         A, B, weight = ctx.A, ctx.B, ctx.weight
-        keep = unpack_bits(bits, ctx.shape).to(A.dtype)
+        keep = _keep(weight, bits, ctx.shape, A.dtype)
         delta = _delta(A, B, keep, ctx.scaling)
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_xd = None
@@ -67,8 +76,9 @@ class _MaskedLoRALinear(torch.autograd.Function):
 
 
 def masked_lora_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                       bits: Tensor, shape: tuple[int, int], scaling: float) -> Tensor:
+                       bits: Tensor | None, shape: tuple[int, int], scaling: float) -> Tensor:
     """``x Wᵀ + b + s·xd ((BA)⊙M)ᵀ`` (``xd None``: ``xd = x``, merged into one matmul); ``bits`` is the keep
-    mask packed by :func:`xpert_dist.maths.bits.pack_bits` for ``shape = (out, in)``. Gradients flow to
+    mask packed by :func:`xpert_dist.maths.bits.pack_bits` for ``shape = (out, in)``, or None for
+    ``M = (W != 0)``. Gradients flow to
     ``x``, ``xd``, ``bias``, ``A`` and ``B``; ``weight`` is treated as frozen."""
     return _MaskedLoRALinear.apply(x, xd, weight, bias, A, B, bits, tuple(shape), float(scaling))

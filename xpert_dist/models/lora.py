@@ -8,9 +8,12 @@ which plain LoRA never computes). On a plain ``nn.Linear`` base the forward is t
 ``maths/masked_linear.py``: with LoRA dropout inactive (``lora.dropout=0``) one matmul with the merged
 ``W + s·(BA)⊙M`` (3 full matmuls per step with the backward, against 5 for the unfused graph), and in
 both forms the ``[out, in]`` delta is recomputed in the backward instead of being kept. Other bases
-(4-bit QLoRA, several active adapters) take the unfused autograd graph. The mask is held beside the
-module as a bit-packed ``uint8`` buffer (1 bit per weight, ``numel/8`` bytes, on the module's device,
-not partitioned by ZeRO-3) and unpacked for each forward. Under ZeRO-3 the LoRA ``A``/``B`` and the
+(4-bit QLoRA, several active adapters) take the unfused autograd graph. When the base weight is a
+float tensor that is exactly zero off the mask and non-zero on it (what a prune step writes; checked
+per module when the mask becomes final) the mask is read from it, ``M = (W != 0)``, and nothing is
+stored: under ZeRO-3 it is then partitioned with the weight. Otherwise (a quantized base, a kept
+weight that is exactly 0) the mask is held beside the module as a bit-packed ``uint8`` buffer (1 bit
+per weight, ``numel/8`` bytes, on the module's device, not partitioned by ZeRO-3). Under ZeRO-3 the LoRA ``A``/``B`` and the
 base weight are registered as external parameters of the peft layer, whose forward reads them directly.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..maths.masked_linear import masked_lora_linear
 
 _BITS = "xd_delta_mask_bits"
 _SHAPE = "xd_delta_mask_shape"
+_IMPLICIT = "xd_delta_mask_implicit"
 
 
 def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> nn.Module:
@@ -48,31 +52,47 @@ def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> n
 
 def delta_mask(module: nn.Module) -> torch.Tensor | None:
     """The keep mask the module's LoRA delta is trained under (bool ``[out, in]``), or None (dense)."""
+    if module.__dict__.get(_IMPLICIT):
+        return getattr(module, "base_layer", module).weight != 0  # materialised (inside a ZeRO-3 gather)
     bits = getattr(module, _BITS, None)
     if bits is None:
         return None
     return unpack_bits(bits, getattr(module, _SHAPE))
 
 
+def support_is_mask(module: nn.Module, keep: torch.Tensor) -> bool:
+    """Whether ``keep`` can be read from the module's base weight as ``W != 0``: a float weight, exactly
+    zero off ``keep`` and non-zero on it (the weight must be materialised)."""
+    w = getattr(module, "base_layer", module).weight
+    if not w.dtype.is_floating_point or tuple(w.shape) != tuple(keep.shape):
+        return False
+    return bool(torch.equal(w.detach() != 0, keep.to(device=w.device, dtype=torch.bool)))
+
+
 def _is_zero3(p) -> bool:
     return hasattr(p, "ds_id")
 
 
-def mask_delta(module: nn.Module, keep: torch.Tensor) -> None:
-    """From now on train ``module``'s (a peft LoRA Linear) delta masked by ``keep`` (True = keep)."""
+def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False) -> None:
+    """From now on train ``module``'s (a peft LoRA Linear) delta masked by ``keep`` (True = keep).
+
+    ``implicit``: the caller checked :func:`support_is_mask`; the mask is then read from the base weight
+    (``W != 0``) at every forward and backward instead of being stored beside the module."""
     if not hasattr(module, "lora_A"):
         raise ConfigError(f"{type(module).__name__} has no LoRA adapter to mask")
     if getattr(module, "merged", False):
         raise ConfigError("cannot mask the delta of a merged LoRA layer")
     base = getattr(module, "base_layer", module)
-    device = base.weight.device
-    if device.type == "meta":
-        device = torch.device("cpu")
-    bits = pack_bits(keep.detach().to(device=device, dtype=torch.bool))
     if hasattr(module, _BITS):
-        setattr(module, _BITS, bits)
+        delattr(module, _BITS)
+    if implicit:
+        module.__dict__[_IMPLICIT] = True
     else:
-        module.register_buffer(_BITS, bits, persistent=False)
+        module.__dict__.pop(_IMPLICIT, None)
+        device = base.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        module.register_buffer(_BITS, pack_bits(keep.detach().to(device=device, dtype=torch.bool)), persistent=False)
     setattr(module, _SHAPE, tuple(keep.shape))
     if "forward" not in module.__dict__:
         module.forward = types.MethodType(_masked_forward, module)
@@ -90,6 +110,7 @@ def unmask_delta(module: nn.Module) -> None:
     """Back to the dense LoRA forward (the buffer is dropped)."""
     if hasattr(module, _BITS):
         delattr(module, _BITS)
+    module.__dict__.pop(_IMPLICIT, None)
     module.__dict__.pop(_SHAPE, None)
     module.__dict__.pop("forward", None)
 
@@ -128,7 +149,7 @@ def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         xin = self._cast_input_dtype(x, A.dtype)
         base = self.base_layer
         y = masked_lora_linear(xin if not dropping else x, drop(xin) if dropping else None, base.weight, base.bias,
-                               A, B, getattr(self, _BITS), getattr(self, _SHAPE), self.scaling[name])
+                               A, B, getattr(self, _BITS, None), getattr(self, _SHAPE), self.scaling[name])
         return y.to(x.dtype)
     result = self.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype

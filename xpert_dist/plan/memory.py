@@ -147,11 +147,12 @@ def estimate(spec: PlanSpec) -> Plan:
         add("train", "compute", accel, "activations", m.layers * T * per_layer,
             f"L·T·layer_bytes, layer_bytes = {per_layer:,.0f} B/token")
     add("train", "compute", accel, "logits + loss", T * logits_bytes_per_token(m, b), "T·V·(12 [+ b if b < 4])")
-    if spec.method != "none":  # the masked adapter (prune.mask_final != end): mask beside every module
+    if spec.method != "none":  # the masked adapter (prune.mask_final != end)
+        # no resident mask: on a float base the mask is read from the pruned weight's support (W != 0,
+        # models/lora.support_is_mask), so it is partitioned with the weight; only a module with a kept
+        # weight that is exactly 0 stores its bits (numel/8 B): a zero weight scores 0 and is pruned first,
+        # and kept weights are merged with the adapter or reconstructed, so that is the exception
         lin = m.linear_shapes()
-        masked = m.layers * m.block_linear_params()
-        add("train", "resident", accel, "masked-adapter masks (bit-packed, replicated on every rank)",
-            -(-masked // 8), "L·block linears/8 B (uint8 buffer per module, not ZeRO-partitioned)")
         big_out, big_in = max(lin.values(), key=lambda oi: oi[0] * oi[1])
         add("train", "compute", accel, "masked delta s·(BA)⊙M + its gradient (largest module, transient)",
             2 * big_out * big_in * b + big_out * big_in, "2·out·in·b + out·in (unpacked bool mask)")

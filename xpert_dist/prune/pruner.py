@@ -206,11 +206,24 @@ class Pruner:
                 if name in self.masks:
                     yield name, m
 
-    def freeze(self, model: nn.Module) -> None:
-        """The masks are final: every pruned module's LoRA delta trains masked from now on."""
+    def freeze(self, model: nn.Module) -> int:
+        """The masks are final: every pruned module's LoRA delta trains masked from now on. Where the base
+        weight's support is exactly the mask (:func:`lora.support_is_mask`: what a prune step writes on a
+        float base) the mask is read from the weight and nothing is stored beside the module; returns the
+        number of modules that keep a bit-packed mask buffer instead."""
+        stored = masked = 0
         for name, m in self.pruned_modules(model):
-            if st.lora_parts(m) is not None:
-                lora.mask_delta(m, self.masks[name])
+            if st.lora_parts(m) is None:
+                continue
+            keep = self.masks[name]
+            with self.ctx.gather([getattr(m, "base_layer", m).weight]):
+                implicit = lora.support_is_mask(m, keep)
+            lora.mask_delta(m, keep, implicit=implicit)
+            stored += not implicit
+            masked += 1
+        log.info("masked adapter: %d modules read the mask from their base weight, %d keep a bit-packed mask",
+                 masked - stored, stored)
+        return stored
 
     def verify(self, model: nn.Module, sparsity: float) -> StepReport:
         """The step after training when the mask was final before: no new mask, no merge; checks that
