@@ -3,6 +3,7 @@
 
     python bench/method_table/run.py [--domains health,legal] [--sparsities 0.4,0.5] [--only NAME,...]
     python bench/method_table/run.py --report     # the table from the finished cells, nothing launched
+    python bench/method_table/run.py --threads 1 --only ...   # two invocations side by side on 2 cores
 
 Each cell (domain × sparsity × method) is one run of ``launchers/run.py`` in its own process (so
 its wall time and peak RSS are its own), with the same data, steps and evaluation as every other
@@ -36,6 +37,12 @@ from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, R
                    VALID_WINDOWS, budget_tag, cell_name, model_override)
 from report import _train_peak, markdown, summarise  # noqa: E402
 
+# torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
+# 2 OpenMP threads each ran 4x slower per step than with 1 each (measured 60-80 s against 15-19 s per
+# step on this machine): oversubscribed OpenMP threads spin while their partner waits for a core.
+THREADS: list[int] = []
+
+
 def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path) -> dict | None:
     """One run of ``launchers/run.py`` in its own process (its own wall time and peak RSS); log in ``cache``."""
     cmd = [sys.executable, str(ROOT / "launchers" / "run.py"), "--config", str(DOMAINS[domain]), "--no-progress",
@@ -45,8 +52,9 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
     log = cache / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # appended: a resumed cell keeps the log of its earlier sittings
+        threads = {k: str(THREADS[0]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if THREADS else {}
         rc = subprocess.call(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+                             env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **threads})
     if rc != 0 and "was written by a different run config" in log.read_text()[-4000:] and (out / "checkpoints").is_dir():
         # the code's config grew fields since this cell checkpointed: its checkpoint cannot resume, start afresh
         import shutil
@@ -262,7 +270,13 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every cell")
     ap.add_argument("--report", action="store_true", help="only write the table from the finished cells")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per cell (default: one per core); cores / cells when running cells side by side")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        THREADS.append(args.threads)
     MODEL.extend(model_override())
     methods = [] if args.report else args.only.split(",") if args.only else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
