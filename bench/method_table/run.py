@@ -38,8 +38,8 @@ from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, R
 from report import _train_peak, markdown, summarise  # noqa: E402
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
-# 2 OpenMP threads each ran 4x slower per step than with 1 each (measured 60-80 s against 15-19 s per
-# step on this machine): oversubscribed OpenMP threads spin while their partner waits for a core.
+# 2 OpenMP threads each took 60-80 s per training step each, against 10 s for one such cell alone (measured
+# on this machine, 2026-12-01): oversubscribed OpenMP threads spin while their partner waits for a core.
 THREADS: list[int] = []
 
 
