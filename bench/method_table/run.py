@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every cell")
     ap.add_argument("--report", action="store_true", help="only write the table from the finished cells")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per cell (default: one per core); cores / cells when running cells side by side")
+                    help="torch threads per cell (default: one per core); cores / cells for cells side by side")
     args = ap.parse_args()
     if args.threads is not None:
         if args.threads < 1:

@@ -13,8 +13,9 @@ float tensor that is exactly zero off the mask and non-zero on it (what a prune 
 per module when the mask becomes final) the mask is read from it, ``M = (W != 0)``, and nothing is
 stored: under ZeRO-3 it is then partitioned with the weight. Otherwise (a quantized base, a kept
 weight that is exactly 0) the mask is held beside the module as a bit-packed ``uint8`` buffer (1 bit
-per weight, ``numel/8`` bytes, on the module's device, not partitioned by ZeRO-3). Under ZeRO-3 the LoRA ``A``/``B`` and the
-base weight are registered as external parameters of the peft layer, whose forward reads them directly.
+per weight, ``numel/8`` bytes, on the module's device, not partitioned by ZeRO-3). Under ZeRO-3 the
+LoRA ``A``/``B`` and the base weight are registered as external parameters of the peft layer, whose
+forward reads them directly.
 """
 from __future__ import annotations
 
