@@ -28,6 +28,7 @@ from torch import nn
 from ..config import LoraSettings
 from ..errors import ConfigError
 from ..maths.bits import pack_bits, unpack_bits
+from .structure import base_linear
 from ..maths.masked_linear import masked_lora_linear
 
 _BITS = "xd_delta_mask_bits"
@@ -54,7 +55,7 @@ def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> n
 def delta_mask(module: nn.Module) -> torch.Tensor | None:
     """The keep mask the module's LoRA delta is trained under (bool ``[out, in]``), or None (dense)."""
     if module.__dict__.get(_IMPLICIT):
-        return getattr(module, "base_layer", module).weight != 0  # materialised (inside a ZeRO-3 gather)
+        return base_linear(module).weight != 0  # materialised (inside a ZeRO-3 gather)
     bits = getattr(module, _BITS, None)
     if bits is None:
         return None
@@ -64,7 +65,7 @@ def delta_mask(module: nn.Module) -> torch.Tensor | None:
 def support_is_mask(module: nn.Module, keep: torch.Tensor) -> bool:
     """Whether ``keep`` can be read from the module's base weight as ``W != 0``: a float weight, exactly
     zero off ``keep`` and non-zero on it (the weight must be materialised)."""
-    w = getattr(module, "base_layer", module).weight
+    w = base_linear(module).weight
     if not w.dtype.is_floating_point or tuple(w.shape) != tuple(keep.shape):
         return False
     return bool(torch.equal(w.detach() != 0, keep.to(device=w.device, dtype=torch.bool)))
@@ -83,7 +84,7 @@ def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False) ->
         raise ConfigError(f"{type(module).__name__} has no LoRA adapter to mask")
     if getattr(module, "merged", False):
         raise ConfigError("cannot mask the delta of a merged LoRA layer")
-    base = getattr(module, "base_layer", module)
+    base = base_linear(module)
     if hasattr(module, _BITS):
         delattr(module, _BITS)
     if implicit:

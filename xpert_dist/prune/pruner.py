@@ -216,7 +216,7 @@ class Pruner:
             if st.lora_parts(m) is None:
                 continue
             keep = self.masks[name]
-            with self.ctx.gather([getattr(m, "base_layer", m).weight]):
+            with self.ctx.gather([st.base_linear(m).weight]):
                 implicit = lora.support_is_mask(m, keep)
             lora.mask_delta(m, keep, implicit=implicit)
             stored += not implicit
