@@ -28,8 +28,8 @@ from torch import nn
 from ..config import LoraSettings
 from ..errors import ConfigError
 from ..maths.bits import pack_bits, unpack_bits
-from .structure import base_linear
 from ..maths.masked_linear import masked_lora_linear
+from .structure import base_linear
 
 _BITS = "xd_delta_mask_bits"
 _SHAPE = "xd_delta_mask_shape"
