@@ -53,8 +53,8 @@ METHODS = {
                                      "prune.group=output", "prune.mask_final=fraction:0.333"],
     # SparseGPT's mask and reconstruction on the in-loop schedule (steps 50 and 100) with the masked adapter
     # and rewinding: SparseGPT -> masked LoRA's mask (ahead on legal test) with the loop's timing (which
-    # gains ForeSight 3-5 validation points over pruning before training). Health 40% started: it resumes
-    # from its last checkpoint (every 25 steps) when run again.
+    # gains ForeSight 3-5 validation points over pruning before training). Health 40%: 76.6%, below the
+    # default (bench/results/method_table.md); legal not yet run.
     "sparsegpt_inloop_rewind": ["prune.method=sparsegpt", "prune.pbs=off", "prune.reconstruct=off",
                                 "prune.lr_rewind=true", *MASKED],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
