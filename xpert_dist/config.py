@@ -49,6 +49,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "foresight")
 SCHEDULES = ("epoch", "steps", "final_only", "before_training")
 PBS_FORMS = ("off", "diagonal", "full", "shared")
+PROPAGATE = ("pruned", "unpruned", "pruned_first")
 
 
 @dataclass
@@ -128,6 +129,11 @@ class PruneConfig:
     lr_rewind: bool = False  # at in-loop prune steps the LR schedule (warm-up, cosine) restarts over the steps left
     distill: str = "off"  # off | logits: KL to the model as it was before the first prune step (plain torch)
     distill_weight: float = 1.0  # loss = CE + distill_weight · KL(teacher ‖ student) (global token mean)
+    # the next block's calibration inputs at a prune step: pruned (the block's outputs once pruned, every
+    # step: SparseGPT's sequential scheme, two block forwards), unpruned (its outputs before this step: one
+    # forward), pruned_first (pruned while the model has no mask yet, unpruned at later steps, whose
+    # weights are already masked)
+    propagate: str = "pruned"
 
 
 @dataclass
@@ -356,6 +362,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)
+    _choice("prune.propagate", p.propagate, PROPAGATE)
     inloop = p.schedule in ("epoch", "steps")
     if p.method == "sparsegpt" and p.pbs != "off" and inloop:
         raise ConfigError("prune.method=sparsegpt with in-loop prune steps and prune.pbs compensates twice "

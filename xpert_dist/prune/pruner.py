@@ -182,7 +182,8 @@ class Pruner:
                               for b in local]) if local else torch.empty(0, dtype=torch.long)
             sequential_calibration(model, calib_ids[rows], on_block, mode=mode, modules=cfg.modules,
                                    dtype=STATS_DTYPES[cfg.stats_dtype], batch_size=self.batch_size,
-                                   progress=self.progress, desc="prune step" if not final else "final prune")
+                                   recompute=self.propagates_pruned(), progress=self.progress,
+                                   desc="prune step" if not final else "final prune")
         for name, keep in self.masks.items():
             report.sparsity[name] = mask_ops.sparsity_of(keep)
             report.mask_sha256[name] = mask_sha256(keep)
@@ -196,6 +197,12 @@ class Pruner:
         log.info("prune step %d%s: target sparsity %.3f, %d matrices, %.1f s", report.step,
                  " (final)" if final else "", sparsity, len(report.sparsity), report.seconds)
         return report
+
+    def propagates_pruned(self) -> bool:
+        """Whether this step's next-block calibration inputs are the pruned block's outputs
+        (``prune.propagate``; ``pruned_first``: only while no mask exists yet, a resumed run included)."""
+        p = self.cfg.propagate
+        return p == "pruned" or (p == "pruned_first" and not len(self.masks))
 
     # ------------------------------------------------------------------ the final mask
     def pruned_modules(self, model: nn.Module):
