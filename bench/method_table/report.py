@@ -61,6 +61,11 @@ def summarise(cells: dict[str, dict]) -> dict:
     return table
 
 
+def _versus(items) -> str:
+    items = list(items)
+    return " vs " + ", ".join(items) if items else " (no baseline measured yet)"
+
+
 def goals(table: dict) -> list[str]:
     """The issue's goals, checked against what was measured (only for cells that exist)."""
     lines = []
@@ -81,10 +86,10 @@ def goals(table: dict) -> list[str]:
         if best_ppl:
             beats = (f"best EfficientXpert variant by perplexity retention `{best_ppl}` {ppl[best_ppl]:.1%}"
                      + (" (goal >= 90%: " + ("met" if ppl[best_ppl] >= 0.90 else "not met") + ")" if pct == "40" else "")
-                     + " vs " + ", ".join(f"{m} {ppl[m]:.1%}" for m in BASELINES if ppl.get(m)))
-        beats += (f"; by domain retention (perplexity and accuracy averaged) `{best}` {ours[best]:.1%} vs "
-                  + ", ".join(f"{m} {ret[m]:.1%}" for m in BASELINES if m in ret))
-        if ppl.get("xpert_default") is not None:
+                     + _versus(f"{m} {ppl[m]:.1%}" for m in BASELINES if ppl.get(m)))
+        beats += (f"; by domain retention (perplexity and accuracy averaged) `{best}` {ours[best]:.1%}"
+                  + _versus(f"{m} {ret[m]:.1%}" for m in BASELINES if m in ret))
+        if ppl.get("xpert_default") is not None and any(ppl.get(m) is not None for m in BASELINES):
             margins = {m: ppl["xpert_default"] - ppl[m] for m in BASELINES if ppl.get(m) is not None}
             beats += ("; shipped default `xpert_default` perplexity retention " + f"{ppl['xpert_default']:.1%}: "
                       + ", ".join(f"{'+' if v >= 0 else ''}{100 * v:.1f} points vs {m}"

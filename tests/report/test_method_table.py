@@ -57,3 +57,11 @@ def test_mask_movement_rows(table):
     assert rows[2] == ("| health-xpert_default-s40 | prune 1 120 s; prune 2 100 s, moved 0.300% / 0.200%; "
                        "final check 2 s, moved 0.000% / 0.000% |")
     assert len(rows) == 3  # the baselines prune once: not listed
+
+
+def test_goals_without_baselines_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "OUT", tmp_path)
+    table = report.summarise({"legal-dense_lora": cell(20.0, 19.0, 0.15),
+                              "legal-xpert_default-s50": cell(25.0, 24.0, 0.14)})
+    (line,) = report.goals(table)
+    assert "`xpert_default` 80.0% (no baseline measured yet)" in line and "points vs" not in line
