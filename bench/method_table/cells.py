@@ -58,8 +58,8 @@ METHODS = {
     "sparsegpt_inloop_rewind": ["prune.method=sparsegpt", "prune.pbs=off", "prune.reconstruct=off",
                                 "prune.lr_rewind=true", *MASKED],
     # the shipped default with one block forward per block at the second prune step (prune.propagate=
-    # pruned_first: the first step hands on pruned outputs, the second the outputs before it): ~1/3 of
-    # that step's time saved if block forwards are ~70% of it
+    # pruned_first: the first step hands on pruned outputs, the second the outputs before it): one block
+    # forward per block fewer at the second step; what that saves and costs is what the cell measures
     "xpert_masked_obs_rewind_pfirst": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                        "prune.propagate=pruned_first", "prune.group=output", *MASKED],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
