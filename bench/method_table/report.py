@@ -23,8 +23,8 @@ def _train_peak(res: dict) -> float:
 
 
 def prune_step_summary(report: dict) -> dict:
-    """One prune step of a cell: when, how long, and how far it moved the mask (the fraction of a matrix's
-    entries whose kept/pruned state changed since the previous step; none at the first step)."""
+    """One prune step of a cell: when, how long, and how far it moved the mask (``moved``: the share of
+    a matrix's previously kept weights that this step pruned, ``Pruner.step``; none at the first step)."""
     moved = list(report.get("moved", {}).values())
     return {"step": report.get("step"), "final": report.get("final"), "seconds": report.get("seconds"),
             "moved_max": max(moved) if moved else None, "moved_mean": sum(moved) / len(moved) if moved else None}
@@ -199,7 +199,7 @@ def markdown(table: dict) -> str:
     m = mask_movement(table)
     if m:
         out += ("\n## Prune steps: time and mask movement\n\nPer cell that prunes inside the loop: each prune step's "
-                "seconds and the share of a matrix's entries whose kept/pruned state it changed (largest over the "
+                "seconds and the share of a matrix's previously kept weights it pruned (largest over the "
                 "model's matrices / mean); the final check applies the final mask (the mask was final after the last prune).\n\n" + "\n".join(m) + "\n")
     g = goals(table)
     if g:
