@@ -62,6 +62,11 @@ METHODS = {
     # forward per block fewer at the second step; what that saves and costs is what the cell measures
     "xpert_masked_obs_rewind_pfirst": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                        "prune.propagate=pruned_first", "prune.group=output", *MASKED],
+    # the shipped default pruned earlier: prune steps at 25 and 50, the mask final at step 50 (125 steps after
+    # the first prune, 100 of them masked) instead of 50 and 100: tests whether the default's later first prune
+    # (100 recovery steps against SparseGPT -> masked LoRA's 150) is what costs it at 50%
+    "xpert_early": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
+                    "prune.prune_every=25", "prune.mask_final=fraction:0.333"],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],

@@ -61,6 +61,22 @@ def summarise(cells: dict[str, dict]) -> dict:
     return table
 
 
+def carry_over(recorded: dict, table: dict, shipped: dict) -> dict:
+    """Rows of the committed table (``recorded``, same budget) whose cells are not in ``table`` (their cache
+    folders are not on this machine: a fresh clone or another machine), marked ``recorded: true``. A row of a
+    method no longer in ``METHODS`` is dropped; an ``xpert_default`` row only stays while its ``run_config``
+    is what the domain config ships now (``shipped``: cell name -> that config; a row without one is dropped)."""
+    out = {}
+    for name, row in recorded.items():
+        method = name.split("-")[1]
+        if name in table or method not in METHODS:
+            continue
+        if method == "xpert_default" and (row.get("run_config") is None or row["run_config"] != shipped.get(name)):
+            continue
+        out[name] = {**row, "recorded": True}
+    return out
+
+
 def _versus(items) -> str:
     items = list(items)
     return " vs " + ", ".join(items) if items else " (no baseline measured yet)"
@@ -191,6 +207,11 @@ def markdown(table: dict) -> str:
     out += ("\nTime and memory columns compare each cell with its domain's dense cell, run at another moment "
             "on a machine shared with other work: wall and CPU times drift by up to 2-4x between cells. "
             "The side-by-side measurement is `bench/results/timing.md` (bench/method_table/timing.py).\n")
+    carried = sorted(n for n, row in table.items() if row.get("recorded"))
+    if carried:
+        out += (f"\n{len(carried)} rows are as recorded in the committed table (their cells' cache folders were "
+                "not on the machine that wrote this one; same budget, and an `xpert_default` row only while its run "
+                "config is what the domain config ships): " + ", ".join(carried) + ".\n")
     v = validation_choice(table)
     if v:
         out += ("\n## Defaults chosen on the validation splits\n\nPerplexity retention on "

@@ -11,8 +11,10 @@ cell of its domain; dense LoRA is the 100% reference of its domain. Finished cel
 ``bench/results/cache/method_table/<budget tag>/`` (a changed ``BUDGET`` means new cells) and skipped on
 the next invocation; an unfinished cell checkpoints every 25 steps and resumes from there when the same
 command runs again, so the table can be completed over several sittings; a cached cell evaluated with
-other settings than ``EVAL`` is re-evaluated from its exported checkpoint. Accuracies carry 95% Wilson
-intervals. Defaults are chosen only on the validation column: perplexity of every cell's export on
+other settings than ``EVAL`` is re-evaluated from its exported checkpoint. A cell of this budget recorded in the
+committed ``method_table.json`` whose cache folder is not here (a fresh clone) keeps its recorded row (marked
+``recorded``; an ``xpert_default`` row only while its ``run_config`` is still what the domain config ships).
+Accuracies carry 95% Wilson intervals. Defaults are chosen only on the validation column: perplexity of every cell's export on
 ``health_valid`` / ``legal_valid`` (held out of the training data); the test sets (PubMedQA and CaseHOLD test,
 MultiLegalPile eval) choose nothing. The post-hoc baselines (LoRA, then prune) are the dense cell's
 export pruned one-shot (``train.max_steps=0``), so their training is run once per domain. A cell whose
@@ -257,6 +259,15 @@ def current_evaluation(out: Path) -> dict:
     return res
 
 
+def recorded_rows() -> dict[str, dict]:
+    """The rows of the committed ``method_table.json`` when it is of this budget (else none)."""
+    path = OUT / "method_table.json"
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    return rec.get("cells", {}) if rec.get("budget_tag") == budget_tag() else {}
+
+
 def _metric_settings(eval_cfg: dict) -> dict:
     """The evaluation settings that change a metric (the base-model reference only adds a report row)."""
     return {k: v for k, v in eval_cfg.items() if k != "base_reference"}
@@ -307,10 +318,28 @@ def main() -> int:
                       f"--domains {domain} --sparsities {pct / 100} --only xpert_default)", flush=True)
                 continue
         cells[out.name] = current_evaluation(out)
-    if not cells:  # nothing finished at this budget: keep the recorded table of the previous one
+    recorded = recorded_rows()
+    for domain in DOMAINS:  # retention of new cells against a dense cell recorded on another machine
+        dense = cell_name(domain, "dense_lora", 0.0)
+        if cells and dense not in cells and dense in recorded:
+            cells[dense] = recorded[dense]
+    if not cells:  # nothing finished at this budget: keep the recorded table
         print("[method_table] no finished cell at this budget; bench/results/method_table.* left as they are")
         return 0
     table = summarise(cells)
+    for name, row in table.items():
+        if cells[name] is recorded.get(name):  # the recorded dense row stood in for its cell: kept as recorded
+            table[name] = {**recorded[name], "recorded": True}
+        elif cells[name].get("config"):
+            row["run_config"] = _comparable(cells[name]["config"])
+    shipped = {name: _comparable(_resolved(name.split("-")[0], cell_overrides(
+        name.split("-")[0], "xpert_default", int(name.rsplit("-s", 1)[1]) / 100, args.extra)))
+        for name in recorded if name.split("-")[1] == "xpert_default" and name not in table}
+    kept = carry_over(recorded, table, shipped)
+    if kept:
+        print(f"[method_table] {len(kept)} cell(s) without a cache folder here kept as recorded: "
+              f"{', '.join(sorted(kept))}", flush=True)
+    table.update(kept)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
                                                        "model": MODEL, "cells": table}, indent=2))

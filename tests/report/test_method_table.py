@@ -65,3 +65,28 @@ def test_goals_without_baselines_say_so(tmp_path, monkeypatch):
                               "legal-xpert_default-s50": cell(25.0, 24.0, 0.14)})
     (line,) = report.goals(table)
     assert "`xpert_default` 80.0% (no baseline measured yet)" in line and "points vs" not in line
+
+
+def test_recorded_rows_carried_over_only_while_they_still_mean_the_same():
+    shipped_cfg = {"prune": {"sparsity": 0.5, "lr_rewind": True}}
+    recorded = {
+        "health-sparsegpt_masked_lora-s50": {"metrics": {"perplexity": 17.5}},  # no cache folder here: kept
+        "health-xpert_early-s50": {"metrics": {"perplexity": 1.0}},  # run again in this sitting: the new row wins
+        "health-xpert_default-s50": {"metrics": {"perplexity": 17.8}, "run_config": shipped_cfg},
+        "legal-xpert_default-s50": {"metrics": {"perplexity": 26.7},  # ran a default that no longer ships
+                                    "run_config": {"prune": {"sparsity": 0.5, "lr_rewind": False}}},
+        "legal-xpert_default-s40": {"metrics": {"perplexity": 22.6}},  # no run config recorded: cannot tell
+        "health-a_method_since_removed-s50": {"metrics": {"perplexity": 9.0}},
+    }
+    table = {"health-xpert_early-s50": {"metrics": {"perplexity": 17.0}}}
+    shipped = {"health-xpert_default-s50": shipped_cfg, "legal-xpert_default-s50": shipped_cfg,
+               "legal-xpert_default-s40": {"prune": {"sparsity": 0.4, "lr_rewind": True}}}
+    kept = report.carry_over(recorded, table, shipped)
+    assert sorted(kept) == ["health-sparsegpt_masked_lora-s50", "health-xpert_default-s50"]
+    assert all(row["recorded"] is True for row in kept.values())
+    assert kept["health-sparsegpt_masked_lora-s50"]["metrics"] == {"perplexity": 17.5}
+    assert "recorded" not in recorded["health-sparsegpt_masked_lora-s50"]  # the committed rows are not changed
+    md = report.markdown({**report.summarise({"health-dense_lora": cell(10.0, 8.0, 0.60)}),
+                          "health-sparsegpt_masked_lora-s50": {**kept["health-sparsegpt_masked_lora-s50"],
+                                                               "sparsity": 0.5}})
+    assert "1 rows are as recorded in the committed table" in md and "health-sparsegpt_masked_lora-s50." in md
