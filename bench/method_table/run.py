@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
                    VALID_WINDOWS, budget_tag, cell_name, model_override)
-from report import _train_peak, markdown, summarise  # noqa: E402
+from report import _train_peak, carry_over, markdown, summarise  # noqa: E402
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
 # 2 OpenMP threads each took 60-80 s per training step each, against 10 s for one such cell alone (measured
