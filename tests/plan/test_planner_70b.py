@@ -89,4 +89,35 @@ def test_sparsegpt_workspace_in_the_solver_dtype():
     assert t32[("prune", "SparseGPT workspace (largest-input module, float32)")] == 2 * i * i * 4 + o * i * (4 + 2)
     assert t64[("prune", "SparseGPT workspace (largest-input module, float64)")] == 2 * i * i * 8 + o * i * (8 + 2)
     n_lin = shape.block_linear_params()
-    assert t32[("prune", "masks + SparseGPT weights of the block (broadcast)")] == n_lin * 5
+    assert t32[("prune", "masks + reconstructed weights of the block (broadcast)")] == n_lin * 5
+
+
+def test_obs_reconstruction_needs_the_full_hessian_and_the_solver_workspace():
+    """prune.reconstruct=obs (the domain configs' default) accumulates the full XᵀX per input group like
+    SparseGPT, runs SparseGPT's solver on the chosen mask, and broadcasts the rewritten weights."""
+    shape, off = _terms(method="foresight", pbs="off")
+    _, obs = _terms(method="foresight", pbs="off", reconstruct="obs")
+    dims = shape.group_dims()
+    # one calibration batch (the leaf) holds every group's statistic: d per group (diagonal), d² (full)
+    leaf_off = [v for (s, n), v in off.items() if s == "prune" and n.startswith("statistics tree partials")]
+    leaf_obs = [v for (s, n), v in obs.items() if s == "prune" and n.startswith("statistics tree partials")]
+    assert leaf_off and leaf_obs
+    assert leaf_off[0] % sum(dims.values()) == 0 and leaf_obs[0] % sum(d * d for d in dims.values()) == 0
+    assert leaf_obs[0] // sum(d * d for d in dims.values()) == leaf_off[0] // sum(dims.values())
+    o, i = 32, 112  # down_proj: the widest input
+    assert obs[("prune", "OBS reconstruction workspace (largest-input module, float32)")] == 2 * i * i * 4 + o * i * 6
+    assert ("prune", "scores (fp32, all modules of the block)") in obs  # the mask is still ForeSight's
+    n_lin = shape.block_linear_params()
+    assert obs[("prune", "masks + reconstructed weights of the block (broadcast)")] == n_lin * 5
+    assert off[("prune", "masks + results of the block (bool, broadcast)")] == n_lin
+    assert not any("workspace" in n and "OBS" in n for _, n in off)
+
+
+def test_obs_reconstruction_refuses_a_second_compensation():
+    import pytest
+
+    from xpert_dist.errors import ConfigError
+
+    for kw in (dict(method="sparsegpt", pbs="off"), dict(method="foresight", pbs="diagonal")):
+        with pytest.raises(ConfigError, match="compensates a second time"):
+            _terms(reconstruct="obs", **kw)

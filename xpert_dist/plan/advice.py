@@ -62,7 +62,8 @@ def format_table(plan: "Plan") -> str:
     lines = [f"Memory plan: {m.name} ({m.total_params() / 1e9:.2f}B params, LoRA r={s.lora_r}: "
              f"{m.lora_params(s.lora_r, s.lora_targets) / 1e6:.1f}M), {s.nodes} node(s) x {s.gpus_per_node} "
              f"{'CPU rank(s)' if s.accelerator == 'cpu' else 'GPU(s)'}, ZeRO-{s.zero_stage}, dtype {s.dtype}, "
-             f"seq {s.seq_len} x micro-batch {s.micro_batch}, method {s.method} + PBS {s.pbs}, "
+             f"seq {s.seq_len} x micro-batch {s.micro_batch}, method {s.method} + PBS {s.pbs}"
+             f"{' + OBS reconstruction' if s.reconstruct == 'obs' else ''}, "
              f"{s.calib_samples} calibration samples, stats offload {s.stats_offload}"]
     for step in ("train", "prune"):
         lines.append("")

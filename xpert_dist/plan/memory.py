@@ -182,7 +182,7 @@ def estimate(spec: PlanSpec) -> Plan:
     add("prune", "accumulate", accel, "block forward (no grad, one batch)",
         Tb * b * (3 * m.hidden + m.q_dim + 2 * m.kv_dim + 3 * m.intermediate), "T_b·b·(3h + q + 2kv + 3I)")
 
-    needs_full = spec.method == "sparsegpt" or spec.pbs in ("full", "shared")
+    needs_full = spec.method == "sparsegpt" or spec.pbs in ("full", "shared") or spec.reconstruct == "obs"
     needs_stats = spec.method != "magnitude" or spec.pbs != "off"
     shapes = m.linear_shapes()
     largest_mod = max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])
@@ -243,9 +243,10 @@ def estimate(spec: PlanSpec) -> Plan:
         add("prune", "solve", accel, "scores (fp32, all modules of the block)", n_lin * 4, "block linears·4B")
         add("prune", "solve", accel, "mask selection workspace (largest module)", lo * li * 14,
             f"{largest_mod}: out·in·(4 sorted + 8 indices + 2 bool)")
-    else:
+    if spec.method == "sparsegpt" or spec.reconstruct == "obs":  # reconstruct.obs_reconstruct: SparseGPT's solver
         sd = DTYPE_BYTES.get(spec.solver_dtype, 8)
-        add("prune", "solve", accel, f"SparseGPT workspace (largest-input module, {spec.solver_dtype})",
+        what = "SparseGPT" if spec.method == "sparsegpt" else "OBS reconstruction"
+        add("prune", "solve", accel, f"{what} workspace (largest-input module, {spec.solver_dtype})",
             2 * gi * gi * sd + go * gi * (sd + 2),
             f"{gmod}: 2·in²·{sd} (two of damped H, its factor, H⁻¹, H⁻¹'s factor) + out·in·({sd} W copy + 2 masks)")
     r = spec.lora_r
@@ -258,8 +259,8 @@ def estimate(spec: PlanSpec) -> Plan:
         chunk = max(1, (1 << 24) // max(1, r * li))
         add("prune", "solve", accel, "PBS full (kept support) workspace",
             lo * li * 4 + 2 * min(chunk, lo) * r * li * 4, "out·in·4 + 2·chunk·r·in·4")
-    if spec.method == "sparsegpt":  # the owners' reconstructed weights travel with the masks
-        add("prune", "solve", accel, "masks + SparseGPT weights of the block (broadcast)", n_lin * 5,
+    if spec.method == "sparsegpt" or spec.reconstruct == "obs":  # the owners' reconstructed weights travel too
+        add("prune", "solve", accel, "masks + reconstructed weights of the block (broadcast)", n_lin * 5,
             "block linears·(1B mask + 4B fp32 weight)")
     else:
         add("prune", "solve", accel, "masks + results of the block (bool, broadcast)", n_lin, "block linears·1B")

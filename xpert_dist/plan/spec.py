@@ -59,6 +59,7 @@ class PlanSpec:
     method: str = "foresight"
     pbs: str = "diagonal"
     pbs_support: str = "dense"
+    reconstruct: str = "off"  # off | obs (prune.reconstruct: OBS update of the kept weights, full XᵀX)
     lora_r: int = 8
     lora_targets: tuple = LINEARS
     lora_dropout: float = 0.05
@@ -89,6 +90,7 @@ class PlanSpec:
                                      ("--offload-params", self.offload_params, ("none", "cpu")),
                                      ("--method", self.method, METHODS), ("--pbs", self.pbs, PBS),
                                      ("--pbs-support", self.pbs_support, ("dense", "kept")),
+                                     ("--reconstruct", self.reconstruct, ("off", "obs")),
                                      ("--stats-offload", self.stats_offload, ("none", "cpu", "disk")),
                                      ("--stats-dtype", self.stats_dtype, ("float32", "float64")),
                                      ("--solver-dtype", self.solver_dtype, ("float32", "float64")),
@@ -96,6 +98,9 @@ class PlanSpec:
                                      ("--accelerator", self.accelerator, ("gpu", "cpu"))):
             if value not in allowed:
                 raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.reconstruct != "off" and (self.method == "sparsegpt" or self.pbs != "off"):
+            raise ConfigError(f"--reconstruct {self.reconstruct} compensates a second time with --method {self.method} "
+                              f"/ --pbs {self.pbs} (as prune.reconstruct does): use --pbs off and a score method")
         if self.offload_params == "cpu" and self.zero_stage != 3:
             raise ConfigError("--offload-params cpu needs --zero-stage 3")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
