@@ -134,6 +134,10 @@ class PruneConfig:
     # forward), pruned_first (pruned while the model has no mask yet, unpruned at later steps, whose
     # weights are already masked)
     propagate: str = "pruned"
+    # the per-input-column factor of the ForeSight score: diag (METHOD.md's d_i = (XᵀX)_ii: the error of zeroing
+    # one entry alone) or obs (1/[(XᵀX + λI)⁻¹]_ii: the error left once the row's other weights re-fit, Optimal
+    # Brain Surgeon; needs the full XᵀX; maths/scores.obs_column_factor)
+    saliency: str = "diag"
 
 
 @dataclass
@@ -363,6 +367,10 @@ def validate(cfg: RunConfig) -> None:
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)
     _choice("prune.propagate", p.propagate, PROPAGATE)
+    _choice("prune.saliency", p.saliency, ("diag", "obs"))
+    if p.saliency != "diag" and p.method != "foresight":
+        raise ConfigError(f"prune.saliency={p.saliency} rescales ForeSight's score; prune.method={p.method} "
+                          "has another score (sparsegpt selects with its own OBS saliency): use prune.method=foresight")
     inloop = p.schedule in ("epoch", "steps")
     if p.method == "sparsegpt" and p.pbs != "off" and inloop:
         raise ConfigError("prune.method=sparsegpt with in-loop prune steps and prune.pbs compensates twice "

@@ -67,6 +67,11 @@ METHODS = {
     # (100 recovery steps against SparseGPT -> masked LoRA's 150) is what costs it at 50%
     "xpert_early": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                     "prune.prune_every=25", "prune.mask_final=fraction:0.333"],
+    # the shipped default with ForeSight's column factor d_i = (XᵀX)_ii replaced by the Optimal Brain Surgeon
+    # 1/[(XᵀX + λI)⁻¹]_ii (prune.saliency=obs): the mask ranks each weight by the error left after the OBS
+    # reconstruction the default then runs, as SparseGPT's selection does (SparseGPT -> masked LoRA leads at 50%)
+    "xpert_obs_saliency": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                           "prune.saliency=obs", "prune.group=output", *MASKED],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
@@ -92,10 +97,12 @@ POSTHOC = {"lora_wanda", "lora_sparsegpt"}
 VALID = {"health": "health_valid", "legal": "legal_valid"}
 VALID_WINDOWS = 32
 # every cell but the shipped default says what it reconstructs (the domain configs ship prune.reconstruct=obs),
-# whether it rewinds the learning rate (prune.lr_rewind) and how its calibration propagates (prune.propagate),
+# whether it rewinds the learning rate (prune.lr_rewind), how its calibration propagates (prune.propagate) and
+# which column factor its ForeSight score uses (prune.saliency),
 # so that a changed shipped default changes no other cell
 for _name, _ov in METHODS.items():
-    for _opt, _off in (("prune.reconstruct=", "off"), ("prune.lr_rewind=", "false"), ("prune.propagate=", "pruned")):
+    for _opt, _off in (("prune.reconstruct=", "off"), ("prune.lr_rewind=", "false"), ("prune.propagate=", "pruned"),
+                       ("prune.saliency=", "diag")):
         if _name != "xpert_default" and not any(o.startswith(_opt) for o in _ov):
             _ov.insert(0, _opt + _off)
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]

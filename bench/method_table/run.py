@@ -268,6 +268,17 @@ def recorded_rows() -> dict[str, dict]:
     return rec.get("cells", {}) if rec.get("budget_tag") == budget_tag() else {}
 
 
+def _filled(cfg: dict) -> dict:
+    """A comparable run config (``_comparable``'s output) with fields added since it was written at their
+    defaults; its model path stays as it is."""
+    from xpert_dist.config import config_from_dict
+
+    out = {k: v for k, v in config_from_dict(cfg).to_dict().items() if k not in ("name", "output_dir")}
+    out["model"] = {**out["model"], "name_or_path": cfg["model"]["name_or_path"]}
+    out["eval"] = _metric_settings(out["eval"])
+    return out
+
+
 def _metric_settings(eval_cfg: dict) -> dict:
     """The evaluation settings that change a metric (the base-model reference only adds a report row)."""
     return {k: v for k, v in eval_cfg.items() if k != "base_reference"}
@@ -332,6 +343,9 @@ def main() -> int:
             table[name] = {**recorded[name], "recorded": True}
         elif cells[name].get("config"):
             row["run_config"] = _comparable(cells[name]["config"])
+    for row in recorded.values():  # fields added to the config since the row was written, at their defaults
+        if row.get("run_config"):
+            row["run_config"] = _filled(row["run_config"])
     shipped = {name: _comparable(_resolved(name.split("-")[0], cell_overrides(
         name.split("-")[0], "xpert_default", int(name.rsplit("-s", 1)[1]) / 100, args.extra)))
         for name in recorded if name.split("-")[1] == "xpert_default" and name not in table}

@@ -88,3 +88,56 @@ def test_validation_errors(Ud):
     Ubad[0, 0] = float("inf")
     with pytest.raises(StatisticsError, match="U"):
         foresight_scores(Ubad, d)
+
+
+def _brute_force_obs_error(w: torch.Tensor, H: torch.Tensor, i: int) -> float:
+    """min over δ with δ_i = -w_i of δᵀHδ: zero entry i of the row, re-fit every other entry by least squares
+    (float64 solve of the normal equations on the other coordinates)."""
+    rest = [k for k in range(w.numel()) if k != i]
+    Hrr, Hri = H[rest][:, rest], H[rest, i]
+    d_rest = torch.linalg.solve(Hrr, Hri * w[i])  # the other entries' optimal move
+    delta = torch.zeros_like(w)
+    delta[i] = -w[i]
+    delta[rest] = d_rest
+    return float(delta @ H @ delta)
+
+
+def test_obs_column_factor_gives_the_optimal_brain_surgeon_error():
+    from xpert_dist.maths.scores import obs_column_factor
+
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(6, 6, dtype=torch.float64, generator=g)
+    X = torch.randn(40, 6, dtype=torch.float64, generator=g) @ mix  # correlated inputs
+    H = X.t() @ X
+    U = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    r = obs_column_factor(H, percdamp=0.0)
+    score = foresight_scores(U, H.diagonal()) * r[None, :]  # = U² / [H⁻¹]_ii
+    for j in range(3):
+        for i in range(6):
+            assert score[j, i].item() == pytest.approx(_brute_force_obs_error(U[j], H, i), rel=1e-8)
+    assert bool((r > 0).all()) and bool((r <= 1 + 1e-12).all())
+    # uncorrelated inputs (diagonal XᵀX): nothing to re-fit, the factor is 1 and the score is ForeSight's
+    assert torch.allclose(obs_column_factor(torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)),
+                                            percdamp=0.0), torch.ones(3, dtype=torch.float64))
+
+
+def test_obs_column_factor_dead_column_and_damping():
+    from xpert_dist.maths.scores import obs_column_factor
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(30, 5, dtype=torch.float64, generator=g)
+    X[:, 2] = 0.0  # an input that is never active
+    H = X.t() @ X
+    r = obs_column_factor(H, percdamp=0.01)
+    assert r[2].item() == 1.0 and bool(torch.isfinite(r).all())
+    # the damped oracle: λ = 0.01·mean(diag H) over the live columns' diagonal with the dead one set to 1
+    hd = H.diagonal().clone()
+    hd[2] = 1.0
+    Hd = H.clone()
+    Hd[2, 2] = 1.0
+    Hd += 0.01 * hd.mean() * torch.eye(5, dtype=torch.float64)
+    want = 1.0 / (H.diagonal() * torch.linalg.inv(Hd).diagonal())
+    live = [0, 1, 3, 4]
+    assert torch.allclose(r[live], want[live], rtol=1e-10)
+    with pytest.raises(StatisticsError, match="square"):
+        obs_column_factor(torch.zeros(2, 3))

@@ -121,3 +121,16 @@ def test_obs_reconstruction_refuses_a_second_compensation():
     for kw in (dict(method="sparsegpt", pbs="off"), dict(method="foresight", pbs="diagonal")):
         with pytest.raises(ConfigError, match="compensates a second time"):
             _terms(reconstruct="obs", **kw)
+
+
+def test_obs_saliency_alone_needs_the_full_hessian():
+    shape, diag = _terms(method="foresight", pbs="off")
+    _, obs = _terms(method="foresight", pbs="off", saliency="obs")
+    dims = shape.group_dims()
+    leaf = {k: [v for (s, n), v in t.items() if n.startswith("statistics tree partials")][0]
+            for k, t in (("diag", diag), ("obs", obs))}
+    assert leaf["obs"] * sum(dims.values()) == leaf["diag"] * sum(d * d for d in dims.values())
+    i = 112  # down_proj: the widest input
+    assert obs[("prune", "OBS saliency workspace (largest-input module, float32)")] == 2 * i * i * 4
+    # the mask is ForeSight's on the unchanged weights: only masks are broadcast
+    assert obs[("prune", "masks + results of the block (bool, broadcast)")] == shape.block_linear_params()

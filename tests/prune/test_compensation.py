@@ -5,44 +5,15 @@ forward hook on the dense model), whose own oracles are in tests/maths (SparseGP
 import pytest
 import torch
 
-from xpert_dist.config import LoraSettings, PruneConfig
+from xpert_dist.config import PruneConfig
 from xpert_dist.maths.pbs import pbs_full, pbs_into_base
 from xpert_dist.maths.reconstruct import obs_reconstruct
 from xpert_dist.models import structure as st
-from xpert_dist.models.lora import wrap_lora
 from xpert_dist.prune.pruner import Pruner
 
-from helpers import tiny_model
+from helpers import block0_hessian, lora_model, q0
 
 NAME = "model.layers.0.self_attn.q_proj"
-
-
-def lora_model():
-    model = wrap_lora(tiny_model(), LoraSettings(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-def q0(model):
-    return st.block_linears(st.blocks(model)[0], ["q_proj"])["q_proj"]
-
-
-def block0_hessian(model, ids):
-    """sum XᵀX of block 0's q_proj input over the calibration ids (float64), by a forward hook."""
-    H = torch.zeros(q0(model).in_features, q0(model).in_features, dtype=torch.float64)
-
-    def hook(_m, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        H.add_(x.t() @ x)
-
-    h = q0(model).register_forward_pre_hook(hook)
-    with torch.no_grad():
-        model(input_ids=ids)
-    h.remove()
-    return H
 
 
 def run_step(**options):

@@ -22,6 +22,7 @@ __all__ = [
     "magnitude_scores",
     "wanda_scores",
     "foresight_scores",
+    "obs_column_factor",
     "ema_scores",
 ]
 
@@ -99,6 +100,32 @@ def foresight_scores(U: Tensor, d: Tensor, c: Tensor | None = None) -> Tensor:
         _check_vector("c", c, U.shape[0], "consumer factor per output row of U")
         s = s * c.to(dt)[:, None]
     return s
+
+
+def obs_column_factor(H: Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per input column ``i``: ``r_i = 1 / (H_ii · [(H + λI)⁻¹]_ii)`` with ``H = XᵀX`` and SparseGPT's
+    damping ``λ = percdamp · mean(diag H)``; ``r_i = 1`` for a dead column (``H_ii = 0``).
+
+    ``U[j,i]² · H_ii`` (ForeSight's and, squared, Wanda's ``d_i``) is the output error of zeroing one
+    entry when nothing else moves; ``U[j,i]² / [H⁻¹]_ii`` is the error left when the row's other
+    weights re-fit optimally (Optimal Brain Surgeon, Hassibi & Stork 1993), which is what
+    ``prune.reconstruct=obs`` then does. Multiplying a ForeSight score by ``r`` turns the first into
+    the second (``prune.saliency=obs``). ``0 < r_i <= 1`` (Cauchy-Schwarz); correlated inputs lower it.
+    """
+    if not isinstance(H, Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise StatisticsError(f"H must be a square [in, in] XᵀX, got {getattr(H, 'shape', type(H))}")
+    check_finite("H", H)
+    from xpert_dist.maths.sparsegpt import _hinv_chol
+
+    hdiag = H.diagonal().to(dtype)
+    dead = hdiag == 0
+    damp = float(percdamp) * abs(float(torch.where(dead, torch.ones_like(hdiag), hdiag).mean()))
+    Uinv = _hinv_chol(H, dead, dtype, damp, max_retries=3)  # upper factor of (H + λI)⁻¹ = UᵀU
+    if Uinv is None:
+        raise StatisticsError("obs_column_factor: XᵀX is not positive definite even with increased damping")
+    hinv_diag = Uinv.square().sum(0)
+    return torch.where(dead, torch.ones_like(hdiag), 1.0 / (torch.where(dead, torch.ones_like(hdiag), hdiag)
+                                                             * hinv_diag))
 
 
 def ema_scores(new: Tensor, prev: Tensor | None, eta: float) -> Tensor:

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pbs-support", default="dense", choices=["dense", "kept"])
     ap.add_argument("--reconstruct", default="off", choices=["off", "obs"],
                     help="prune.reconstruct (obs: what configs/default_{health,legal}.yaml ship; needs the full XᵀX)")
+    ap.add_argument("--saliency", default="diag", choices=["diag", "obs"], help="prune.saliency (obs: full XᵀX)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -63,7 +64,7 @@ def spec_from_args(args) -> PlanSpec:
     return PlanSpec(model=ModelShape.load(args.model_config), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                     gpu_mem_gb=args.gpu_mem_gb, host_mem_gb=args.host_mem_gb, zero_stage=args.zero_stage,
                     offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                    method=args.method, pbs=args.pbs, pbs_support=args.pbs_support, reconstruct=args.reconstruct,
+                    method=args.method, pbs=args.pbs, pbs_support=args.pbs_support, reconstruct=args.reconstruct, saliency=args.saliency,
                     lora_r=args.lora_r,
                     lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
                     calib_samples=args.calib_samples, calib_batch=args.calib_batch,

@@ -182,7 +182,8 @@ def estimate(spec: PlanSpec) -> Plan:
     add("prune", "accumulate", accel, "block forward (no grad, one batch)",
         Tb * b * (3 * m.hidden + m.q_dim + 2 * m.kv_dim + 3 * m.intermediate), "T_b·b·(3h + q + 2kv + 3I)")
 
-    needs_full = spec.method == "sparsegpt" or spec.pbs in ("full", "shared") or spec.reconstruct == "obs"
+    needs_full = spec.method == "sparsegpt" or spec.pbs in ("full", "shared") or "obs" in (spec.reconstruct,
+                                                                                           spec.saliency)
     needs_stats = spec.method != "magnitude" or spec.pbs != "off"
     shapes = m.linear_shapes()
     largest_mod = max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])
@@ -243,12 +244,15 @@ def estimate(spec: PlanSpec) -> Plan:
         add("prune", "solve", accel, "scores (fp32, all modules of the block)", n_lin * 4, "block linears·4B")
         add("prune", "solve", accel, "mask selection workspace (largest module)", lo * li * 14,
             f"{largest_mod}: out·in·(4 sorted + 8 indices + 2 bool)")
-    if spec.method == "sparsegpt" or spec.reconstruct == "obs":  # reconstruct.obs_reconstruct: SparseGPT's solver
-        sd = DTYPE_BYTES.get(spec.solver_dtype, 8)
+    sd = DTYPE_BYTES.get(spec.solver_dtype, 8)
+    if spec.method == "sparsegpt" or spec.reconstruct == "obs":  # SparseGPT's solver (on the chosen mask for obs)
         what = "SparseGPT" if spec.method == "sparsegpt" else "OBS reconstruction"
         add("prune", "solve", accel, f"{what} workspace (largest-input module, {spec.solver_dtype})",
             2 * gi * gi * sd + go * gi * (sd + 2),
             f"{gmod}: 2·in²·{sd} (two of damped H, its factor, H⁻¹, H⁻¹'s factor) + out·in·({sd} W copy + 2 masks)")
+    elif spec.saliency == "obs":  # scores.obs_column_factor: only the diagonal of (H+λI)⁻¹ is kept
+        add("prune", "solve", accel, f"OBS saliency workspace (largest-input module, {spec.solver_dtype})",
+            2 * gi * gi * sd, f"{gmod}: 2·in²·{sd} (two of damped H, its factor, H⁻¹, H⁻¹'s factor)")
     r = spec.lora_r
     if spec.pbs == "diagonal":
         add("prune", "solve", accel, "PBS diagonal workspace", 2 * lo * li * 4, "2·out·in·4")

@@ -60,6 +60,7 @@ class PlanSpec:
     pbs: str = "diagonal"
     pbs_support: str = "dense"
     reconstruct: str = "off"  # off | obs (prune.reconstruct: OBS update of the kept weights, full XᵀX)
+    saliency: str = "diag"  # diag | obs (prune.saliency: obs needs the full XᵀX and its inverse's diagonal)
     lora_r: int = 8
     lora_targets: tuple = LINEARS
     lora_dropout: float = 0.05
@@ -91,6 +92,7 @@ class PlanSpec:
                                      ("--method", self.method, METHODS), ("--pbs", self.pbs, PBS),
                                      ("--pbs-support", self.pbs_support, ("dense", "kept")),
                                      ("--reconstruct", self.reconstruct, ("off", "obs")),
+                                     ("--saliency", self.saliency, ("diag", "obs")),
                                      ("--stats-offload", self.stats_offload, ("none", "cpu", "disk")),
                                      ("--stats-dtype", self.stats_dtype, ("float32", "float64")),
                                      ("--solver-dtype", self.solver_dtype, ("float32", "float64")),

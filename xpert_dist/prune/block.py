@@ -22,7 +22,7 @@ NEEDS_FULL = {"sparsegpt"}
 
 def stats_mode(cfg: PruneConfig) -> str | None:
     """'full', 'diag' or None (magnitude needs no calibration)."""
-    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared") or cfg.reconstruct == "obs":
+    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared") or "obs" in (cfg.reconstruct, cfg.saliency):
         return "full"
     if cfg.method in ("wanda", "foresight") or cfg.pbs == "diagonal":
         return "diag"
@@ -135,6 +135,12 @@ def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Ten
                                                  dtype=getattr(torch, cfg.solver_dtype))
         rewritten = True
     else:
+        if cfg.saliency == "obs":  # on the module's owner, which holds the full XᵀX (after the EMA of the score)
+            if st is None:
+                raise ConfigError("prune.saliency=obs needs full calibration statistics")
+            factor = scores.obs_column_factor(st.hessian.float(), cfg.sparsegpt_percdamp,
+                                              getattr(torch, cfg.solver_dtype))
+            score = score * factor.to(score.dtype)[None, :]
         keep = choose_mask(cfg, score, sparsity)
         weight = U * keep
     delta = None
