@@ -119,13 +119,11 @@ def obs_column_factor(H: Tensor, percdamp: float = 0.01, dtype: torch.dtype = to
 
     hdiag = H.diagonal().to(dtype)
     dead = hdiag == 0
-    damp = float(percdamp) * abs(float(torch.where(dead, torch.ones_like(hdiag), hdiag).mean()))
-    Uinv = _hinv_chol(H, dead, dtype, damp, max_retries=3)  # upper factor of (H + λI)⁻¹ = UᵀU
+    hdiag = torch.where(dead, torch.ones_like(hdiag), hdiag)  # dead columns read as 1, as SparseGPT's solver does
+    Uinv = _hinv_chol(H, dead, dtype, float(percdamp) * abs(float(hdiag.mean())), max_retries=3)  # (H+λI)⁻¹ = UᵀU
     if Uinv is None:
         raise StatisticsError("obs_column_factor: XᵀX is not positive definite even with increased damping")
-    hinv_diag = Uinv.square().sum(0)
-    return torch.where(dead, torch.ones_like(hdiag), 1.0 / (torch.where(dead, torch.ones_like(hdiag), hdiag)
-                                                             * hinv_diag))
+    return torch.where(dead, torch.ones_like(hdiag), 1.0 / (hdiag * Uinv.square().sum(0)))
 
 
 def ema_scores(new: Tensor, prev: Tensor | None, eta: float) -> Tensor:

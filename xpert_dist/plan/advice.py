@@ -63,7 +63,8 @@ def format_table(plan: "Plan") -> str:
              f"{m.lora_params(s.lora_r, s.lora_targets) / 1e6:.1f}M), {s.nodes} node(s) x {s.gpus_per_node} "
              f"{'CPU rank(s)' if s.accelerator == 'cpu' else 'GPU(s)'}, ZeRO-{s.zero_stage}, dtype {s.dtype}, "
              f"seq {s.seq_len} x micro-batch {s.micro_batch}, method {s.method} + PBS {s.pbs}"
-             f"{' + OBS reconstruction' if s.reconstruct == 'obs' else ''}, "
+             f"{' + OBS reconstruction' if s.reconstruct == 'obs' else ''}"
+             f"{' + OBS saliency' if s.saliency == 'obs' else ''}, "
              f"{s.calib_samples} calibration samples, stats offload {s.stats_offload}"]
     for step in ("train", "prune"):
         lines.append("")
