@@ -127,8 +127,10 @@ class PruneConfig:
     reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
     adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed
     lr_rewind: bool = False  # at in-loop prune steps the LR schedule (warm-up, cosine) restarts over the steps left
-    distill: str = "off"  # off | logits: KL to the model as it was before the first prune step (plain torch)
-    distill_weight: float = 1.0  # loss = CE + distill_weight · KL(teacher ‖ student) (global token mean)
+    # off | logits (KL) | squarehead (per-block normalised MSE) | logits+squarehead: distillation from the
+    # model as it was before the first prune step (plain torch; prune/distill.py)
+    distill: str = "off"
+    distill_weight: float = 1.0  # loss = CE + distill_weight · (the distillation terms) (global token mean)
     # the next block's calibration inputs at a prune step: pruned (the block's outputs once pruned, every
     # step: SparseGPT's sequential scheme, two block forwards), unpruned (its outputs before this step: one
     # forward), pruned_first (pruned while the model has no mask yet, unpruned at later steps, whose
@@ -379,7 +381,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"prune.reconstruct={p.reconstruct} compensates the pruned weights a second time with "
                           f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them (prune.reconstruct=off, "
                           f"or prune.pbs=off with prune.method other than sparsegpt)")
-    _choice("prune.distill", p.distill, ("off", "logits"))
+    _choice("prune.distill", p.distill, ("off", "logits", "squarehead", "logits+squarehead"))
     _positive("prune.distill_weight", p.distill_weight)
     if p.distill != "off" and (cfg.ds_config is not None or cfg.model.quantization is not None):
         raise ConfigError("prune.distill is implemented for plain torch with an unquantised base "

@@ -49,6 +49,12 @@ METHODS = {
     # the shipped default's rewinding combined with distillation, and with a single prune step at step 50
     "xpert_masked_obs_rewind_distill": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                         "prune.distill=logits", "prune.group=output", *MASKED],
+    # the same with SquareHead (per-block normalised MSE to the teacher's block outputs; Kurtic et al. 2023
+    # report it recovers high sparsity where CE and logit distillation do not), alone and with the logit KL
+    "xpert_squarehead": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                         "prune.distill=squarehead", "prune.group=output", *MASKED],
+    "xpert_logits_squarehead": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                "prune.distill=logits+squarehead", "prune.group=output", *MASKED],
     "xpert_masked_obs_once_rewind": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                      "prune.group=output", "prune.mask_final=fraction:0.333"],
     # SparseGPT's mask and reconstruction on the in-loop schedule (steps 50 and 100) with the masked adapter

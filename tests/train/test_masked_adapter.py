@@ -110,8 +110,9 @@ def _run(tmp_path, name, **sections):
     {"prune": {"pbs": "full", "pbs_order": "base", "adapter_reset": True}},
     {"prune": {"pbs": "off", "reconstruct": "obs"}},
     {"prune": {"distill": "logits", "distill_weight": 0.5}},
+    {"prune": {"distill": "logits+squarehead"}, "train": {"gradient_checkpointing": True}},
 ], ids=["last_inloop", "grad_ckpt", "fraction", "wanda_masked_lora", "sparsegpt_masked_lora", "pbs_base_reset",
-        "reconstruct_obs", "distill"])
+        "reconstruct_obs", "distill", "distill_squarehead_ckpt"])
 def test_exported_model_is_the_trained_model(tmp_path, sections):
     res, out, trained = _run(tmp_path, "run", **sections)
     exported = _exported_logits(out)
