@@ -29,7 +29,12 @@ def main() -> int:
     ap.add_argument("--prune-every", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["logits", "squarehead", "logits+squarehead"],
                     choices=["logits", "squarehead", "logits+squarehead"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: one per core)")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        table.THREADS.append(args.threads)
     table.MODEL.extend(table.model_override())
     common = [f"train.max_steps={args.steps}", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=8",
               "prune.schedule=steps", f"prune.prune_every={args.prune_every}", "eval.tasks=[]",

@@ -63,7 +63,8 @@ def summary(runs: dict[str, list[dict]]) -> dict:
 
 def markdown(s: dict, args) -> str:
     lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.BUDGET)}; medians of "
-             f"{args.repeats} alternating runs each, no evaluation.", "",
+             f"{args.repeats} alternating runs each, no evaluation, "
+             f"{f'{args.threads} torch thread(s)' if args.threads else 'one torch thread per core'}.", "",
              "| run | steps | prune steps | train s | prune s | wall / LoRA | CPU / LoRA | peak RSS (train+prune) MiB | "
              "peak RSS / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in s.items():
@@ -79,7 +80,12 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.4)
     ap.add_argument("--method", default="xpert_default")  # the shipped EfficientXpert default
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: one per core)")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        table.THREADS.append(args.threads)
     table.MODEL.extend(table.model_override())
     runs: dict[str, list[dict]] = {"dense_lora": [], args.method: []}
     for k in range(args.repeats):
