@@ -78,6 +78,11 @@ METHODS = {
     # reconstruction the default then runs, as SparseGPT's selection does (SparseGPT -> masked LoRA leads at 50%)
     "xpert_obs_saliency": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                            "prune.saliency=obs", "prune.group=output", *MASKED],
+    # gradual pruning (Zhu & Gupta's cubic ramp, prune.ramp=cubic): prune steps at 25, 50 and 75 reaching 58%,
+    # 88% and 98% of the target, the target (mask final) at step 100, then 50 masked steps; the default's two
+    # steps both prune to the full target. Not yet run.
+    "xpert_gradual": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
+                      "prune.prune_every=25", "prune.ramp=cubic", "prune.mask_final=fraction:0.667"],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
