@@ -17,10 +17,7 @@ IDS = torch.arange(2 * 12).reshape(2, 12) % 200 + 3
 
 
 def test_loss_is_ce_plus_weighted_kl_to_the_frozen_teacher():
-    model = wrap_lora(tiny_model(), LoraSettings(r=4, alpha=8, dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    model = _student()
     reference = copy.deepcopy(model).merge_and_unload().eval()  # the model when the distiller attaches
     d = Distiller(model, "logits", 0.7)
     for n, p in model.named_parameters():  # training moves the student; the teacher must not follow
