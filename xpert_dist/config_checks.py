@@ -16,6 +16,7 @@ PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "foresight")
 SCHEDULES = ("epoch", "steps", "final_only", "before_training")
 PBS_FORMS = ("off", "diagonal", "full", "shared")
 PROPAGATE = ("pruned", "unpruned", "pruned_first")
+DISTILL_MODES = ("off", "logits", "squarehead", "logits+squarehead")  # prune/distill.py
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -96,7 +97,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"prune.reconstruct={p.reconstruct} compensates the pruned weights a second time with "
                           f"prune.method={p.method} / prune.pbs={p.pbs}: use one of them (prune.reconstruct=off, "
                           f"or prune.pbs=off with prune.method other than sparsegpt)")
-    _choice("prune.distill", p.distill, ("off", "logits", "squarehead", "logits+squarehead"))
+    _choice("prune.distill", p.distill, DISTILL_MODES)
     _positive("prune.distill_weight", p.distill_weight)
     if p.distill != "off" and (cfg.ds_config is not None or cfg.model.quantization is not None):
         raise ConfigError("prune.distill is implemented for plain torch with an unquantised base "

@@ -37,8 +37,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.structure import blocks
 
-MODES = ("off", "logits", "squarehead", "logits+squarehead")
-
 
 def snapshot_teacher(model: nn.Module) -> nn.Module:
     """A frozen plain copy of ``model`` with its LoRA merged (effective weights ``W + s·B·A``)."""
