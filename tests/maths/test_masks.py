@@ -74,6 +74,17 @@ def test_select_mask_ties_deterministic(group):
     assert torch.equal(keep[:, :2], torch.zeros(3, 2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("group", ["output", "input", "layer"])
+@pytest.mark.parametrize("sparsity", [0.02, 0.25, 0.4, 0.5, 0.61, 0.97])
+def test_select_mask_many_ties_against_the_sort_oracle(group, sparsity):
+    """The partial selection + threshold gives the (score, index)-sorted choice when most scores tie
+    with the threshold itself (4 distinct values, signed zeros among them)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((group, sparsity)).encode()))
+    scores = torch.randint(-1, 3, (23, 37), generator=g).to(torch.float32)
+    scores[scores == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, (int((scores == 0).sum()),), generator=g)]
+    _check_mask(scores, select_mask(scores, sparsity, group), sparsity, group)
+
+
 def test_prune_count_rounding():
     assert prune_count(0.5, 5) == 2  # Python round: half to even
     assert prune_count(0.5, 7) == 4

@@ -4,7 +4,7 @@ import torch
 
 from xpert_dist.errors import StatisticsError
 from xpert_dist.maths.masks import select_mask
-from xpert_dist.maths.reconstruct import obs_reconstruct
+from xpert_dist.maths.reconstruct import obs_factor, obs_reconstruct
 from xpert_dist.maths.scores import wanda_scores
 from xpert_dist.maths.sparsegpt import sparsegpt_prune
 
@@ -54,6 +54,26 @@ def test_given_a_wanda_mask_it_is_sequential_obs(blocksize):
     got = obs_reconstruct(W, H, keep, blocksize=blocksize)
     torch.testing.assert_close(got, _naive_sequential_obs(W, H, keep), rtol=0, atol=1e-9)
     assert bool((got[~keep] == 0).all()) and bool((got[keep] != 0).all())
+
+
+def test_a_factor_shared_by_modules_that_read_one_input():
+    """Two modules reading the same input (q/k, gate/up) take one obs_factor; each result is the naive
+    float64 sequential OBS, in float64 and (to float32 rounding) in float32; a dead input column
+    (H_ii = 0) gets no error and keeps its kept weights."""
+    W, X, H = _problem(3, out=10)
+    X[:, 7] = 0.0
+    H = X.t() @ X
+    V = torch.randn(6, W.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        factor = obs_factor(H, dtype=dtype)
+        for M in (W, V):
+            keep = select_mask(wanda_scores(M, X.square().sum(0)), 0.4, "output")
+            Hn = H.clone()
+            Hn[7, 7] = 1.0  # the oracle's view of a dead input: no signal, unit diagonal
+            want = _naive_sequential_obs(M, Hn, keep)
+            got = obs_reconstruct(M, H, keep, dtype=dtype, factor=factor)
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
+            assert bool((got[~keep] == 0).all())
 
 
 def test_bad_mask_shape():

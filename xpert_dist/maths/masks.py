@@ -10,8 +10,9 @@ scores; the remaining ``r = round(s·numel) − G·floor(s·g)`` extra prunes (`
 one each, to the ``r`` groups whose *next* candidate (their lowest still-kept score) is the
 lowest; ties between groups go to the lower group index. So per-group counts differ by at most 1.
 
-Determinism: every selection uses a stable ascending sort on the score, so among equal scores
-the lower index (row-major for ``group="layer"``) is pruned first. Masks are bit-identical on
+Determinism: among equal scores the lower index (row-major for ``group="layer"``) is pruned first,
+as a stable ascending sort would order them (``select_mask`` reaches that result by a partial
+selection, ``topk``, and a threshold, without sorting every row). Masks are bit-identical on
 reruns given identical scores.
 """
 
@@ -81,22 +82,40 @@ def select_mask(scores: Tensor, sparsity: float, group: str = "output") -> Tenso
         S = scores.reshape(1, -1)
     n_groups, g = S.shape
     k = prune_count(s, scores.numel())
-    keep = torch.ones(S.shape, dtype=torch.bool, device=scores.device)
     if k == 0 or g == 0:
+        keep = torch.ones(S.shape, dtype=torch.bool, device=scores.device)
         return keep.t().contiguous() if group == "input" else keep.reshape(scores.shape)
     base = min(math.floor(s * g + 1e-9), k // n_groups)  # 1e-9: 0.29*100 -> 29, not 28
     extra = k - base * n_groups  # 0 <= extra <= n_groups
-    vals, idx = torch.sort(S, dim=1, stable=True)
+    # the base+1 lowest scores of each group (unordered): a partial selection, not a sort
+    low = torch.topk(S, base + 1, dim=1, largest=False, sorted=False).values  # base < g since s < 1
+    nxt = low.max(dim=1).values  # each group's (base+1)-th lowest score: its lowest still-kept one
     counts = torch.full((n_groups,), base, dtype=torch.long, device=scores.device)
     if extra > 0:
-        nxt = vals[:, base]  # each group's lowest still-kept score (base < g whenever extra > 0)
         order = torch.sort(nxt, stable=True).indices  # ties -> lower group index
         counts[order[:extra]] += 1
-    prune_sorted = torch.arange(g, device=scores.device)[None, :] < counts[:, None]
-    keep.scatter_(1, idx, ~prune_sorted)
+    keep = ~_prune_lowest(S, counts, base, low, nxt)
     if group == "input":
         return keep.t().contiguous()
     return keep.reshape(scores.shape)
+
+
+def _prune_lowest(S: Tensor, counts: Tensor, base: int, low: Tensor, nxt: Tensor) -> Tensor:
+    """Rows of ``S`` with ``counts[r]`` (``base`` or ``base+1``) of their lowest entries marked, among
+    equal scores the lower index first: exactly what a stable ascending sort would prune, from the
+    ``base+1`` lowest scores ``low`` of each row (any order) and their maximum ``nxt``.
+
+    The ``c``-th lowest score ``t`` of a row is the threshold: every entry below it is pruned, and of
+    the entries equal to it the ``c − #below`` with the lowest indices."""
+    if base > 0:  # the base-th lowest: second largest of ``low``, duplicates counted
+        kth = torch.topk(low, 2, dim=1).values[:, 1]
+    else:
+        kth = torch.full_like(nxt, -math.inf)  # nothing to prune below the first entry
+    t = torch.where(counts > base, nxt, kth)[:, None]
+    below = S < t
+    need = counts - below.sum(dim=1)  # >= 0: fewer than c entries lie below the c-th lowest
+    equal = S == t
+    return below | (equal & (equal.cumsum(dim=1) <= need[:, None]))
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

@@ -100,16 +100,23 @@ def adapter_update(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: I
     return pbs.pbs_shared_gram(inp.U, A, keep, st.hessian.float(), inp.scale, lam=cfg.pbs_lambda)
 
 
-def compensate(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats, masked_after: bool = False
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def reconstruct_factor(cfg: PruneConfig, st: InputStats) -> torch.Tensor | None:
+    """The ``prune.reconstruct=obs`` factor of one input group's ``XᵀX`` (shared by the modules that
+    read that input: q/k/v, gate/up), so that a caller computes it once per group."""
+    return reconstruct.obs_factor(st.hessian.float(), percdamp=cfg.sparsegpt_percdamp,
+                                  dtype=getattr(torch, cfg.solver_dtype))
+
+
+def compensate(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: InputStats, masked_after: bool = False,
+               factor: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(new base weight or None for ``U ⊙ keep``, new B or None for 0): what compensates the pruned
     weights, chosen by ``prune.reconstruct`` and ``prune.pbs``/``prune.pbs_order`` (config validation
     refuses combining two of them). ``masked_after``: the mask is final and the adapter will train
-    masked, so an adapter-order ``pbs=full`` update is solved for the kept support it will act on."""
-    if cfg.reconstruct == "obs":
-        return reconstruct.obs_reconstruct(inp.U, st.hessian.float(), keep, blocksize=cfg.sparsegpt_blocksize,
-                                           percdamp=cfg.sparsegpt_percdamp,
-                                           dtype=getattr(torch, cfg.solver_dtype)), None
+    masked, so an adapter-order ``pbs=full`` update is solved for the kept support it will act on.
+    ``factor``: :func:`reconstruct_factor` of ``st`` when the caller already has it."""
+    if cfg.reconstruct == "obs":  # column blocks only set rounding and speed here, not the result (no mask choice)
+        return reconstruct.obs_reconstruct(inp.U, st.hessian.float(), keep, percdamp=cfg.sparsegpt_percdamp,
+                                           dtype=getattr(torch, cfg.solver_dtype), factor=factor), None
     if cfg.pbs_order == "adapter" or cfg.pbs == "off" or inp.A is None:
         return None, adapter_update(cfg, inp, keep, st, support="kept" if masked_after else None)
     dB = adapter_update(cfg, inp, keep, st, support="kept")  # authors' order: the correction lands in the base
@@ -118,9 +125,10 @@ def compensate(cfg: PruneConfig, inp: ModuleInput, keep: torch.Tensor, st: Input
 
 def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Tensor | None,
                  st: InputStats | None, sparsity: float, use_pbs: bool,
-                 fixed_keep: torch.Tensor | None = None, masked_after: bool = False) -> ModuleResult:
+                 fixed_keep: torch.Tensor | None = None, masked_after: bool = False,
+                 factor: torch.Tensor | None = None) -> ModuleResult:
     """Mask one module (from ``score``, SparseGPT, or a given ``fixed_keep``) and compute its update
-    (``use_pbs``: the compensation of :func:`compensate`, at in-loop prune steps)."""
+    (``use_pbs``: the compensation of :func:`compensate`, at in-loop prune steps; ``factor`` passed on)."""
     U = inp.U
     rewritten = False
     if fixed_keep is not None:
@@ -145,7 +153,7 @@ def prune_module(cfg: PruneConfig, name: str, inp: ModuleInput, score: torch.Ten
         weight = U * keep
     delta = None
     if use_pbs and st is not None:
-        new_weight, delta = compensate(cfg, inp, keep, st, masked_after)
+        new_weight, delta = compensate(cfg, inp, keep, st, masked_after, factor)
         if new_weight is not None:
             weight, rewritten = new_weight.to(U.dtype), True
     return ModuleResult(keep=keep, weight=weight, delta_B=delta, score=score, rewritten=rewritten)

@@ -30,7 +30,7 @@ from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
 from ..stats.store import StatsStore
 from .maskstore import MaskStore
-from .block import ModuleInput, block_scores, prune_module, stats_mode
+from .block import ModuleInput, block_scores, prune_module, reconstruct_factor, stats_mode
 
 log = logging.getLogger(__name__)
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -279,6 +279,8 @@ class Pruner:
             if fixed_masks is None and cfg.method != "sparsegpt":
                 scores = self._block_scores(inputs, stats, geo, block, layers, i)
 
+            factors: dict[str, torch.Tensor | None] = {}  # prune.reconstruct=obs: one factor per input group
+
             def compute(name: str) -> dict[str, torch.Tensor]:
                 fname = full_name[name]
                 score = None
@@ -290,8 +292,11 @@ class Pruner:
                         self.ema.put_tensor(fname, score.to(EMA_DTYPES[cfg.ema_dtype]))
                 fixed = fixed_masks[fname] if fixed_masks is not None else None
                 group = st.INPUT_GROUPS[name]
-                res = prune_module(cfg, name, inputs[name], score, stats.get(group) if stats else None,
-                                   sparsity, use_pbs, fixed_keep=fixed, masked_after=final and use_pbs)
+                gstats = stats.get(group) if stats else None
+                if cfg.reconstruct == "obs" and use_pbs and gstats is not None and group not in factors:
+                    factors[group] = reconstruct_factor(cfg, gstats)
+                res = prune_module(cfg, name, inputs[name], score, gstats, sparsity, use_pbs, fixed_keep=fixed,
+                                   masked_after=final and use_pbs, factor=factors.get(group))
                 out = {"keep": res.keep}
                 if res.rewritten:
                     out["weight"] = res.weight
