@@ -119,6 +119,9 @@ class PruneConfig:
     # step), fraction:<f> (a prune step at round(f·total steps), in-loop steps only before it), or
     # end (the released recipe: dense adapter, the step after training merges and re-masks)
     mask_final: str = "last_inloop"
+    # the masked adapter's one extra matmul per linear, its weight gradient G = gᵀx (maths/masked_linear):
+    # auto (the adapter's dtype) | bfloat16 (half its cost where the CPU/GPU has bf16 matmuls; forward exact)
+    masked_grad_dtype: str = "auto"
     pbs_order: str = "adapter"  # adapter: correction in a new adapter | base: authors' order, in the kept base weights
     reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
     adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed

@@ -82,6 +82,7 @@ def validate(cfg: RunConfig) -> None:
     mask_final_fraction(p.mask_final)  # ConfigError on a bad value
     _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
+    _choice("prune.masked_grad_dtype", p.masked_grad_dtype, ("auto", "bfloat16"))
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)
     _choice("prune.propagate", p.propagate, PROPAGATE)

@@ -5,7 +5,8 @@
 
 One process, one model: training steps of 4 × 256 tokens (the method table's batch), LoRA r=8 on
 all seven linears, alternating plain LoRA, the masked adapter (40% random masks on every LoRA layer)
-as shipped (the fused ``maths/masked_linear`` function: one merged matmul when dropout is 0), and the
+as shipped (the fused ``maths/masked_linear`` function: one merged matmul when dropout is 0), the same with
+its weight gradient ``G = gᵀx`` in bfloat16 (``prune.masked_grad_dtype=bfloat16``), and the
 unfused autograd graph it replaced, after one warm-up step each, so all see the same machine load. CPU time (process_time, all
 threads) is the less load-sensitive measure on a shared machine; wall time is reported too.
 Writes ``bench/results/masked_cost.{json,md}``.
@@ -52,10 +53,10 @@ def main() -> int:
     fused = lora._fused_path
 
     def set_mode(mode: str) -> None:
-        lora._fused_path = fused if mode == "masked" else (lambda *a: None)  # masked_unfused: the old graph
-        for m, keep in zip(layers, masks):
+        lora._fused_path = fused if mode.startswith("masked") and mode != "masked_unfused" else (lambda *a: None)
+        for m, keep in zip(layers, masks):  # masked_unfused: the old autograd graph
             if mode != "lora":
-                lora.mask_delta(m, keep)
+                lora.mask_delta(m, keep, grad_dtype=torch.bfloat16 if mode == "masked_bf16" else None)
             else:
                 lora.unmask_delta(m)
 
@@ -67,7 +68,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    runs = {"lora": [], "masked": [], "masked_unfused": []}
+    runs = {"lora": [], "masked": [], "masked_bf16": [], "masked_unfused": []}
     for mode in runs:  # warm-up
         set_mode(mode)
         one_step()
@@ -77,7 +78,7 @@ def main() -> int:
             runs[mode].append(one_step())
     summary = {m: {"wall_s": statistics.median(w for w, _ in r), "cpu_s": statistics.median(c for _, c in r),
                    "steps": len(r)} for m, r in runs.items()}
-    for mode in ("masked", "masked_unfused"):
+    for mode in ("masked", "masked_bf16", "masked_unfused"):
         summary[mode]["wall_vs_lora"] = summary[mode]["wall_s"] / summary["lora"]["wall_s"]
         summary[mode]["cpu_vs_lora"] = summary[mode]["cpu_s"] / summary["lora"]["cpu_s"]
     out = ROOT / "bench" / "results"
@@ -91,6 +92,7 @@ def main() -> int:
           + "".join(f"| {label} | {summary[m]['wall_s']:.2f} | {summary[m]['cpu_s']:.2f} | "
                     f"{summary[m]['wall_vs_lora']:.2f}× | {summary[m]['cpu_vs_lora']:.2f}× |\n"
                     for m, label in (("masked", "masked, as shipped (maths/masked_linear)"),
+                                     ("masked_bf16", "masked, weight gradient in bf16 (prune.masked_grad_dtype)"),
                                      ("masked_unfused", "masked, unfused autograd graph (before)"))))
     (out / "masked_cost.md").write_text(md)
     print(md)

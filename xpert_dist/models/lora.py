@@ -34,6 +34,7 @@ from .structure import base_linear
 _BITS = "xd_delta_mask_bits"
 _SHAPE = "xd_delta_mask_shape"
 _IMPLICIT = "xd_delta_mask_implicit"
+_GRAD_DTYPE = "xd_delta_grad_dtype"  # the fused path's G = gᵀx dtype (the generic autograd path ignores it)
 
 
 def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> nn.Module:
@@ -75,11 +76,13 @@ def _is_zero3(p) -> bool:
     return hasattr(p, "ds_id")
 
 
-def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False) -> None:
+def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False,
+               grad_dtype: torch.dtype | None = None) -> None:
     """From now on train ``module``'s (a peft LoRA Linear) delta masked by ``keep`` (True = keep).
 
     ``implicit``: the caller checked :func:`support_is_mask`; the mask is then read from the base weight
-    (``W != 0``) at every forward and backward instead of being stored beside the module."""
+    (``W != 0``) at every forward and backward instead of being stored beside the module. ``grad_dtype``:
+    the dtype of the adapter's weight-gradient matmul (``maths/masked_linear``; None: the adapter's)."""
     if not hasattr(module, "lora_A"):
         raise ConfigError(f"{type(module).__name__} has no LoRA adapter to mask")
     if getattr(module, "merged", False):
@@ -96,6 +99,7 @@ def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False) ->
             device = torch.device("cpu")
         module.register_buffer(_BITS, pack_bits(keep.detach().to(device=device, dtype=torch.bool)), persistent=False)
     setattr(module, _SHAPE, tuple(keep.shape))
+    module.__dict__[_GRAD_DTYPE] = grad_dtype
     if "forward" not in module.__dict__:
         module.forward = types.MethodType(_masked_forward, module)
     # the fused forward reads the base weight directly too (no base_layer call)
@@ -114,6 +118,7 @@ def unmask_delta(module: nn.Module) -> None:
         delattr(module, _BITS)
     module.__dict__.pop(_IMPLICIT, None)
     module.__dict__.pop(_SHAPE, None)
+    module.__dict__.pop(_GRAD_DTYPE, None)
     module.__dict__.pop("forward", None)
 
 
@@ -151,7 +156,8 @@ def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         xin = self._cast_input_dtype(x, A.dtype)
         base = self.base_layer
         y = masked_lora_linear(xin if not dropping else x, drop(xin) if dropping else None, base.weight, base.bias,
-                               A, B, getattr(self, _BITS, None), getattr(self, _SHAPE), self.scaling[name])
+                               A, B, getattr(self, _BITS, None), getattr(self, _SHAPE), self.scaling[name],
+                               self.__dict__.get(_GRAD_DTYPE))
         return y.to(x.dtype)
     result = self.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype

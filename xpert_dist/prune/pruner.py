@@ -219,13 +219,14 @@ class Pruner:
         float base) the mask is read from the weight and nothing is stored beside the module; returns the
         number of modules that keep a bit-packed mask buffer instead."""
         stored = masked = 0
+        grad_dtype = None if self.cfg.masked_grad_dtype == "auto" else getattr(torch, self.cfg.masked_grad_dtype)
         for name, m in self.pruned_modules(model):
             if st.lora_parts(m) is None:
                 continue
             keep = self.masks[name]
             with self.ctx.gather([st.base_linear(m).weight]):
                 implicit = lora.support_is_mask(m, keep)
-            lora.mask_delta(m, keep, implicit=implicit)
+            lora.mask_delta(m, keep, implicit=implicit, grad_dtype=grad_dtype)
             stored += not implicit
             masked += 1
         log.info("masked adapter: %d modules read the mask from their base weight, %d keep a bit-packed mask",
