@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Time and peak memory of EfficientXpert against plain LoRA, measured side by side on a quiet machine.
 
-    python bench/method_table/timing.py [--repeats 2] [--method xpert_default] [--domain health]
+    python bench/method_table/timing.py [--repeats 2] [--method xpert_default[,OTHER...]] [--domain health]
 
 The method table's cells also record time and memory, but they run for hours while other work shares
 the CPU, so their wall and even CPU times drift by 2x between cells. Here the two runs alternate
 (LoRA, EfficientXpert, LoRA, ...) with the method table's budget and data and without evaluation (which
 is identical work for both), so they see the same conditions; the ratio of medians is reported.
-Cached per run like the method table. Writes ``bench/results/timing.json`` and ``.md``.
+Cached per run like the method table: a later invocation with one more ``--method`` runs only that one
+(the table's ``finished`` column says when each run ended, so runs of different sittings are told apart).
+Writes ``bench/results/timing.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,16 +27,20 @@ CACHE = table.ROOT / "bench" / "results" / "cache" / "timing" / table.budget_tag
 NO_EVAL = ["eval.tasks=[]", "eval.perplexity_windows=0"]
 
 
+def _finished(out: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime((out / "results.json").stat().st_mtime))
+
+
 def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
     name = f"{domain}-{method}-s{int(round(sparsity * 100))}-r{k}"
     out = CACHE / name
     if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+        return {**json.loads((out / "results.json").read_text()), "finished": _finished(out)}
     res = table.launch(name, out, domain, [f"prune.sparsity={sparsity}", *table.BUDGET, *table.METHODS[method],
                                            *table.MODEL, *NO_EVAL], CACHE)
     if res is None:
         raise SystemExit(f"[timing] {name} failed; see {CACHE / f'{name}.log'}")
-    return res
+    return {**res, "finished": _finished(out)}
 
 
 def summary(runs: dict[str, list[dict]]) -> dict:
@@ -51,6 +58,7 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             "peak_rss_train_prune_mb": med(rs, table._train_peak),
             "prune_steps": len(rs[0].get("prune_reports", [])),
             "steps": len(rs[0].get("loss_history", [])),
+            "finished": [r.get("finished") for r in rs],
         }
     base = out.get("dense_lora")
     for method, row in out.items():
@@ -66,11 +74,12 @@ def markdown(s: dict, args) -> str:
              f"{args.repeats} alternating runs each, no evaluation, "
              f"{f'{args.threads} torch thread(s)' if args.threads else 'one torch thread per core'}.", "",
              "| run | steps | prune steps | train s | prune s | wall / LoRA | CPU / LoRA | peak RSS (train+prune) MiB | "
-             "peak RSS / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS / LoRA | finished (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in s.items():
         lines.append(f"| {m} | {r['steps']} | {r['prune_steps']} | {r['train_s']:.1f} | {r['prune_s']:.1f} | "
                      f"{r.get('time_vs_lora', float('nan')):.3f}× | {r.get('cpu_vs_lora', float('nan')):.3f}× | "
-                     f"{r['peak_rss_train_prune_mb']:.0f} | {r.get('peak_rss_vs_lora', float('nan')):.3f}× |")
+                     f"{r['peak_rss_train_prune_mb']:.0f} | {r.get('peak_rss_vs_lora', float('nan')):.3f}× | "
+                     f"{', '.join(f for f in r['finished'] if f)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -78,7 +87,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domain", default="health")
     ap.add_argument("--sparsity", type=float, default=0.4)
-    ap.add_argument("--method", default="xpert_default")  # the shipped EfficientXpert default
+    ap.add_argument("--method", default="xpert_default",  # the shipped EfficientXpert default
+                    help="comma-separated methods of the method table, timed against dense_lora")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: one per core)")
     args = ap.parse_args()
@@ -87,16 +97,22 @@ def main() -> int:
             ap.error(f"--threads must be >= 1, got {args.threads}")
         table.THREADS.append(args.threads)
     table.MODEL.extend(table.model_override())
-    runs: dict[str, list[dict]] = {"dense_lora": [], args.method: []}
+    methods = [m for m in args.method.split(",") if m]
+    unknown = [m for m in methods if m not in table.METHODS]
+    if unknown or not methods:
+        ap.error(f"--method: unknown method(s) {unknown or args.method!r}; see bench/method_table/cells.py")
+    runs: dict[str, list[dict]] = {"dense_lora": [], **{m: [] for m in methods if m != "dense_lora"}}
     for k in range(args.repeats):
         for method in runs:
             runs[method].append(run_once(args.domain, method, args.sparsity, k))
     s = summary(runs)
     table.OUT.mkdir(parents=True, exist_ok=True)
-    (table.OUT / "timing.json").write_text(json.dumps({"args": vars(args), "budget": table.BUDGET,
-                                                       "summary": s}, indent=2))
     md = markdown(s, args)
-    (table.OUT / "timing.md").write_text(md)
+    for name, text in (("timing.json", json.dumps({"args": vars(args), "budget": table.BUDGET, "summary": s},
+                                                  indent=2)), ("timing.md", md)):
+        tmp = table.OUT / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(table.OUT / name)
     print(md)
     return 0
 
