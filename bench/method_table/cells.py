@@ -70,8 +70,9 @@ METHODS = {
     "xpert_masked_obs_rewind_pfirst": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                        "prune.propagate=pruned_first", "prune.group=output", *MASKED],
     # the shipped default with one block forward per block at both prune steps (prune.propagate=unpruned: each
-    # block's calibration inputs are the earlier blocks' outputs from before this step, not once pruned): the
-    # prune steps' cost roughly halves (timing.py); what it costs in quality is what the cell measures
+    # block's calibration inputs are the earlier blocks' outputs from before this step, not once pruned): one
+    # block forward fewer per block at both steps. Health 40%: validation 13.57 against the default's 13.45
+    # (bench/results/method_table.md), so it is not the default
     "xpert_unpruned": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                        "prune.propagate=unpruned", "prune.group=output", *MASKED],
     # the shipped default with the masked adapter's weight gradient G = gᵀx in bfloat16 (prune.masked_grad_dtype):
@@ -80,7 +81,8 @@ METHODS = {
     "xpert_bf16grad": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                        "prune.masked_grad_dtype=bfloat16", "prune.group=output", *MASKED],
     # both savings that cost nothing measured so far: one block forward per block at the second prune step
-    # (pruned_first: health 40% validation 13.45, as the default) and the bf16 weight gradient
+    # (pruned_first: health 40% validation 13.45, as the default) and the bf16 weight gradient. Health 40%:
+    # 13.45 (bench/results/method_table.md); legal and 50% not yet run
     "xpert_pfirst_bf16grad": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                               "prune.propagate=pruned_first", "prune.masked_grad_dtype=bfloat16",
                               "prune.group=output", *MASKED],

@@ -53,8 +53,8 @@ def main() -> int:
     fused = lora._fused_path
 
     def set_mode(mode: str) -> None:
-        lora._fused_path = fused if mode.startswith("masked") and mode != "masked_unfused" else (lambda *a: None)
-        for m, keep in zip(layers, masks):  # masked_unfused: the old autograd graph
+        lora._fused_path = fused if mode in ("masked", "masked_bf16") else (lambda *a: None)  # unfused: old graph
+        for m, keep in zip(layers, masks):
             if mode != "lora":
                 lora.mask_delta(m, keep, grad_dtype=torch.bfloat16 if mode == "masked_bf16" else None)
             else:

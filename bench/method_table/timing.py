@@ -4,8 +4,8 @@
     python bench/method_table/timing.py [--repeats 2] [--method xpert_default[,OTHER...]] [--domain health]
 
 The method table's cells also record time and memory, but they run for hours while other work shares
-the CPU, so their wall and even CPU times drift by 2x between cells. Here the two runs alternate
-(LoRA, EfficientXpert, LoRA, ...) with the method table's budget and data and without evaluation (which
+the CPU, so their wall and even CPU times drift by 2x between cells. Here the runs alternate
+(LoRA, EfficientXpert method(s), LoRA, ...) with the method table's budget and data and without evaluation (which
 is identical work for both), so they see the same conditions; the ratio of medians is reported.
 Cached per run like the method table: a later invocation with one more ``--method`` runs only that one
 (the table's ``finished`` column says when each run ended, so runs of different sittings are told apart).

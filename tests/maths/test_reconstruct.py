@@ -74,6 +74,8 @@ def test_a_factor_shared_by_modules_that_read_one_input():
             got = obs_reconstruct(M, H, keep, dtype=dtype, factor=factor)
             torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
             assert bool((got[~keep] == 0).all())
+            kept7 = keep[:, 7]
+            assert torch.equal(got[kept7, 7], M[kept7, 7].to(dtype).to(M.dtype))  # the dead column absorbs nothing
 
 
 def test_bad_mask_shape():

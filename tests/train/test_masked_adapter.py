@@ -165,7 +165,7 @@ def test_qlora_4bit_masked_export_matches(tmp_path):
     _check_sparsity(out)
 
 
-def _worker(rank, world, port, out, ds_path, logits_path):
+def _worker(rank, world, port, out, ds_path, logits_path, prune):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                       XPERT_DIST_TIMEOUT_S="120")
@@ -173,16 +173,18 @@ def _worker(rank, world, port, out, ds_path, logits_path):
     from xpert_dist.launch.runner import run_job
 
     _capture_trained_logits(logits_path)
-    run_job(_cfg(out, ds_config=ds_path), progress=False)
+    run_job(_cfg(out, ds_config=ds_path, prune=prune), progress=False)
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_exported_model_is_the_trained_model(tmp_path):
+@pytest.mark.parametrize("grad_dtype", ["auto", "bfloat16"])
+def test_zero3_two_ranks_exported_model_is_the_trained_model(tmp_path, grad_dtype):
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                               "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     out = tmp_path / "z3"
-    mp.start_processes(_worker, args=(2, free_port(), str(out), str(ds), str(tmp_path / "z3.pt")), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), str(out), str(ds), str(tmp_path / "z3.pt"),
+                                      {"masked_grad_dtype": grad_dtype}), nprocs=2,
                        join=True, start_method="spawn")
     trained = torch.load(tmp_path / "z3.pt")
     assert float((trained - _exported_logits(out)).abs().max()) <= TOL

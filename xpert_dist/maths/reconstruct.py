@@ -14,9 +14,11 @@ pruned columns ``P`` (``E = 0`` on kept ones), after which ``W ← W − E·U[bl
 of a block is solved at once as a batch of triangular systems (rows in chunks, so the batch stays
 below ``_BATCH_ELEMENTS`` entries), and the later columns get the lazy batch update of SparseGPT.
 The arithmetic is the sweep's; the cost moves from Python to batched solves of ``b × b`` systems, so
-small blocks win (``bench/results/obs_speed.md``, one SmolLM2-135M block, float32, 1 thread: 2.1× faster
-than the sweep at the default ``blocksize=16`` with the factor shared per input, slower than the sweep at
-128). The block size changes only rounding here (the mask is given), unlike SparseGPT's own.
+small blocks win (``bench/results/obs_speed.md``, one SmolLM2-135M block, float32, 1 thread: 1.7× faster
+than the sweep at the default ``blocksize=32`` with the factor shared per input, slower than the sweep at
+128). The block size changes only rounding here (the mask is given), unlike SparseGPT's own; 32, not the
+fastest 16, because with 16 the float32 rounding let a single process and ZeRO-3 drift apart by 1.5% in
+perplexity on ``tests/train/test_zero3_real.py``'s ill-conditioned calibration (bound 1%; 32 and 128 pass).
 
 Dead inputs (``H_ii == 0``) get ``H_ii = 1`` (no signal: their weights neither carry nor absorb error).
 A failed Cholesky (after ``max_retries`` 10× damping increases) returns ``W ⊙ M`` with a warning.
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from xpert_dist.errors import ConfigError, StatisticsError
 from xpert_dist.maths.scores import check_finite
-from xpert_dist.maths.sparsegpt import _hinv_chol
+from xpert_dist.maths.sparsegpt import damped_factor
 
 __all__ = ["obs_factor", "obs_reconstruct"]
 
@@ -50,11 +52,7 @@ def obs_factor(H: Tensor, *, percdamp: float = 0.01, dtype: torch.dtype = torch.
     added), in ``dtype``; None if the Cholesky fails even with ``max_retries`` 10× damping increases."""
     check_finite("H", H)
     _check_dtype(dtype)
-    hdiag = H.diagonal().to(dtype).clone()
-    dead = hdiag == 0
-    hdiag[dead] = 1.0
-    damp = float(percdamp) * abs(float(hdiag.mean()))
-    return _hinv_chol(H, dead, dtype, damp, max_retries)
+    return damped_factor(H, percdamp, dtype, max_retries)[0]
 
 
 def _block_errors(W1: Tensor, pruned: Tensor, U1: Tensor) -> Tensor:
@@ -72,7 +70,7 @@ def _block_errors(W1: Tensor, pruned: Tensor, U1: Tensor) -> Tensor:
     return E
 
 
-def obs_reconstruct(W: Tensor, H: Tensor, keep: Tensor, *, blocksize: int = 16, percdamp: float = 0.01,
+def obs_reconstruct(W: Tensor, H: Tensor, keep: Tensor, *, blocksize: int = 32, percdamp: float = 0.01,
                     dtype: torch.dtype = torch.float64, max_retries: int = 3,
                     factor: Tensor | None = None) -> Tensor:
     """Kept weights updated so that ``X (W_new)ᵀ ≈ X Wᵀ`` with ``W_new`` zero off ``keep``; returns

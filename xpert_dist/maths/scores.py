@@ -115,12 +115,9 @@ def obs_column_factor(H: Tensor, percdamp: float = 0.01, dtype: torch.dtype = to
     if not isinstance(H, Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise StatisticsError(f"H must be a square [in, in] XᵀX, got {getattr(H, 'shape', type(H))}")
     check_finite("H", H)
-    from xpert_dist.maths.sparsegpt import _hinv_chol
+    from xpert_dist.maths.sparsegpt import damped_factor
 
-    hdiag = H.diagonal().to(dtype)
-    dead = hdiag == 0
-    hdiag = torch.where(dead, torch.ones_like(hdiag), hdiag)  # dead columns read as 1, as SparseGPT's solver does
-    Uinv = _hinv_chol(H, dead, dtype, float(percdamp) * abs(float(hdiag.mean())), max_retries=3)  # (H+λI)⁻¹ = UᵀU
+    Uinv, hdiag, dead = damped_factor(H, percdamp, dtype, max_retries=3)  # (H+λI)⁻¹ = UᵀU; dead columns read as 1
     if Uinv is None:
         raise StatisticsError("obs_column_factor: XᵀX is not positive definite even with increased damping")
     return torch.where(dead, torch.ones_like(hdiag), 1.0 / (hdiag * Uinv.square().sum(0)))

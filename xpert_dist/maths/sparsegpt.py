@@ -73,6 +73,19 @@ def _hinv_chol(H: Tensor, dead: Tensor, dtype: torch.dtype, damp: float, max_ret
     return None
 
 
+def damped_factor(H: Tensor, percdamp: float, dtype: torch.dtype, max_retries: int
+                  ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """SparseGPT's damping and factor, shared by every OBS solve here (this module's, ``maths/reconstruct``'s
+    and ``scores.obs_column_factor``): ``(U, hdiag, dead)`` with ``dead = H_ii == 0``, ``hdiag`` the diagonal
+    in ``dtype`` with dead entries set to 1, and ``U`` the upper Cholesky factor of the damped ``H⁻¹``
+    (damping ``percdamp · mean(hdiag)``; None if it fails even after ``max_retries`` 10× increases)."""
+    hdiag = H.diagonal().to(dtype, copy=True)  # no full copy of H here: _hinv_chol makes the one it needs
+    dead = hdiag == 0
+    hdiag[dead] = 1.0
+    damp = float(percdamp) * abs(float(hdiag.mean()))
+    return _hinv_chol(H, dead, dtype, damp, max_retries), hdiag, dead
+
+
 def sparsegpt_prune(
     W: Tensor,
     H: Tensor,
@@ -112,12 +125,8 @@ def sparsegpt_prune(
 
     out_dtype = W.dtype
     Wc = W.detach().to(dtype, copy=True)
-    hdiag = H.diagonal().to(dtype, copy=True)  # no full copy of H here: _hinv_chol makes the one it needs
-    dead = hdiag == 0
-    hdiag[dead] = 1.0
+    Hinv, hdiag, dead = damped_factor(H, percdamp, dtype, max_retries)
     Wc[:, dead] = 0.0
-    damp = float(percdamp) * abs(float(hdiag.mean()))
-    Hinv = _hinv_chol(H, dead, dtype, damp, max_retries)
     if Hinv is None:
         warnings.warn(
             "sparsegpt: Cholesky failed even with increased damping; falling back to a diagonal "
