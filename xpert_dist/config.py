@@ -122,6 +122,10 @@ class PruneConfig:
     # the masked adapter's one extra matmul per linear, its weight gradient G = gᵀx (maths/masked_linear):
     # auto (the adapter's dtype) | bfloat16 (half its cost where the CPU/GPU has bf16 matmuls; forward exact)
     masked_grad_dtype: str = "auto"
+    # the calibration forwards of a prune step (the blocks run on the calibration windows, and re-run once
+    # pruned): auto (the model's dtype) | bfloat16 (under autocast, as a bf16 model runs them: the linears'
+    # matmuls in bf16, the residual stream and XᵀX (prune.stats_dtype) as they were; stats/sequential.py)
+    calib_dtype: str = "auto"
     pbs_order: str = "adapter"  # adapter: correction in a new adapter | base: authors' order, in the kept base weights
     reconstruct: str = "off"  # off | obs: SparseGPT-style update of the kept base weights given the chosen mask
     adapter_reset: bool = False  # at in-loop prune steps: A re-initialised, B = 0, its optimizer moments zeroed

@@ -83,6 +83,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
     _choice("prune.masked_grad_dtype", p.masked_grad_dtype, ("auto", "bfloat16"))
+    _choice("prune.calib_dtype", p.calib_dtype, ("auto", "bfloat16"))
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)
     _choice("prune.propagate", p.propagate, PROPAGATE)

@@ -7,26 +7,9 @@ import torch
 from xpert_dist.config import LoraSettings, PruneConfig, RunConfig, validate
 from xpert_dist.errors import ConfigError
 from xpert_dist.models.lora import wrap_lora
-from xpert_dist.prune.pruner import Pruner
 from xpert_dist.stats.sequential import full_forward_stats
 
-from helpers import tiny_model
-
-
-class Recording(Pruner):
-    """Keeps the statistics each block was pruned with."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.seen: list[dict[int, dict]] = []
-
-    def step(self, *a, **kw):
-        self.seen.append({})
-        return super().step(*a, **kw)
-
-    def prune_block(self, model, i, block, stats, sparsity, **kw):
-        self.seen[-1][i] = {g: s.sum.clone() for g, s in stats.items()}
-        return super().prune_block(model, i, block, stats, sparsity, **kw)
+from helpers import Recording, tiny_model
 
 
 def setup(propagate):

@@ -183,6 +183,7 @@ class Pruner:
             sequential_calibration(model, calib_ids[rows], on_block, mode=mode, modules=cfg.modules,
                                    dtype=STATS_DTYPES[cfg.stats_dtype], batch_size=self.batch_size,
                                    recompute=self.propagates_pruned(), progress=self.progress,
+                                   compute_dtype=None if cfg.calib_dtype == "auto" else getattr(torch, cfg.calib_dtype),
                                    desc="prune step" if not final else "final prune")
         for name, keep in self.masks.items():
             report.sparsity[name] = mask_ops.sparsity_of(keep)

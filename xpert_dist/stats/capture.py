@@ -134,9 +134,11 @@ class InputStats:
 
 
 def accumulate(x: torch.Tensor, mode: str, dtype: torch.dtype, into: torch.Tensor | None) -> torch.Tensor:
-    """Add the statistic of a batch of inputs ``x[..., in]`` to ``into`` (created when None)."""
+    """Add the statistic of a batch of inputs ``x[..., in]`` to ``into`` (created when None), in ``dtype``
+    even when the forward that fed the hook runs under autocast (``prune.calib_dtype``)."""
     flat = x.detach().reshape(-1, x.shape[-1]).to(dtype)
-    part = flat.T @ flat if mode == "full" else (flat * flat).sum(0)
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        part = flat.T @ flat if mode == "full" else (flat * flat).sum(0)
     return part if into is None else into.add_(part)
 
 

@@ -95,8 +95,14 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return captured, kwargs_seen
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
-    out = block(hidden.to(device), **kwargs)
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One block's forward; under ``compute_dtype`` autocast when given (matmuls in that dtype, the
+    residual stream and the statistics keep theirs)."""
+    scope = (torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype) if compute_dtype is not None
+             else contextlib.nullcontext())
+    with scope:
+        out = block(hidden.to(device), **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -135,7 +141,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                            recompute: bool = True, progress: bool = True, desc: str = "calibrate",
                            batch_indices: Sequence[int] | None = None, ctx=None,
                            forward_context: contextlib.AbstractContextManager | None = None,
-                           reduction: str = "tree", partials_device=None) -> None:
+                           reduction: str = "tree", partials_device=None,
+                           compute_dtype: torch.dtype | None = None) -> None:
     """Call ``on_block(i, block, stats)`` for every decoder block, in order, with that block's
     statistics computed on inputs that already went through the (pruned) earlier blocks.
 
@@ -147,6 +154,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
     ``ctx``). Under several ranks the statistics passed to ``on_block`` are this rank's partials
     (possibly empty); ``ctx.reduce_stats`` turns them into the global ones. ``partials_device``
     (default: ``ctx.partials_device`` if set) keeps the tree partials there (``"cpu"``: host memory).
+    ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the block forwards under autocast, as a half-precision
+    model would run them; the statistics still accumulate in ``dtype`` (``prune.calib_dtype``).
     """
     n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
     batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
@@ -171,11 +180,11 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                         outs = []
                         for g, h in zip(batch_indices, hidden):
                             col.set_batch(g)
-                            outs.append(_run_block(block, h, kwargs, device).cpu())
+                            outs.append(_run_block(block, h, kwargs, device, compute_dtype).cpu())
                     on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
                     if recompute:
                         outs = None  # free the stale outputs first: 2, not 3, copies of the activations
-                        outs = [_run_block(block, h, kwargs, device).cpu() for h in hidden]
+                        outs = [_run_block(block, h, kwargs, device, compute_dtype).cpu() for h in hidden]
                 hidden = outs
     finally:
         model.train(was_training)
