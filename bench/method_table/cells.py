@@ -91,6 +91,11 @@ METHODS = {
     "xpert_bf16calib": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                         "prune.propagate=pruned_first", "prune.masked_grad_dtype=bfloat16",
                         "prune.calib_dtype=bfloat16", "prune.group=output", *MASKED],
+    # and OWL's outlier-weighted layer sparsities (prune.allocation=owl, λ=0.08, M=5: Yin et al.'s values) instead
+    # of the same sparsity in every block: the 50% cells are where SparseGPT -> masked LoRA keeps up with the default
+    "xpert_owl": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.propagate=pruned_first",
+                  "prune.masked_grad_dtype=bfloat16", "prune.calib_dtype=bfloat16", "prune.allocation=owl",
+                  "prune.group=output", *MASKED],
     # the shipped default pruned earlier: prune steps at 25 and 50, the mask final at step 50 (125 steps after
     # the first prune, 100 of them masked) instead of 50 and 100: tests whether the default's later first prune
     # (100 recovery steps against SparseGPT -> masked LoRA's 150) is what costs it at 50%
@@ -137,7 +142,7 @@ VALID_WINDOWS = 32
 for _name, _ov in METHODS.items():
     for _opt, _off in (("prune.reconstruct=", "off"), ("prune.lr_rewind=", "false"), ("prune.propagate=", "pruned"),
                        ("prune.saliency=", "diag"), ("prune.masked_grad_dtype=", "auto"),
-                       ("prune.calib_dtype=", "auto")):
+                       ("prune.calib_dtype=", "auto"), ("prune.allocation=", "uniform")):
         if _name != "xpert_default" and not any(o.startswith(_opt) for o in _ov):
             _ov.insert(0, _opt + _off)
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]
