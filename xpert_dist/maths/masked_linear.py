@@ -35,22 +35,28 @@ from .bits import unpack_bits
 __all__ = ["masked_lora_linear"]
 
 
+def _keep(weight: Tensor, bits: Tensor | None, shape: tuple[int, int]) -> Tensor:
+    """The bool keep mask: unpacked from ``bits``, or the support of ``weight`` (``bits=None``)."""
+    return weight != 0 if bits is None else unpack_bits(bits, shape)
+
+
 def _delta(A: Tensor, B: Tensor, keep: Tensor, scaling: float) -> Tensor:
-    """``s·(BA)⊙M`` with ``keep`` the unpacked mask in A's dtype."""
-    return (B @ A).mul_(keep).mul_(scaling)
+    """``s·(BA)⊙M`` (``keep`` bool): the scaling goes into the ``[out, r]`` factor, the mask multiplies in
+    place, so the ``[out, in]`` matrix is written once and read-modified once."""
+    return ((B * scaling) @ A).mul_(keep)
 
 
-def _keep(weight: Tensor, bits: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """The keep mask in ``dtype``: unpacked from ``bits``, or the support of ``weight`` (``bits=None``)."""
-    return (weight != 0).to(dtype) if bits is None else unpack_bits(bits, shape).to(dtype)
+def _merged(weight: Tensor, delta: Tensor) -> Tensor:
+    """``W + s·(BA)⊙M``, in place in ``delta``'s buffer (``W`` is not touched)."""
+    return delta.add_(weight.to(delta.dtype))
 
 
 class _MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling, grad_dtype):
-        delta = _delta(A, B, _keep(weight, bits, shape, A.dtype), scaling)
+        delta = _delta(A, B, _keep(weight, bits, shape), scaling)
         if xd is None:
-            y = F.linear(x, weight.to(delta.dtype) + delta, bias)
+            y = F.linear(x, _merged(weight, delta), bias)
         else:
             y = F.linear(x, weight, bias) + F.linear(xd, delta)
         # the adapter's input is all the backward needs (∂x comes from the weights and g)
@@ -62,20 +68,22 @@ class _MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a_in, bits = ctx.saved_tensors
-        A, B, weight = ctx.A, ctx.B, ctx.weight
-        keep = _keep(weight, bits, ctx.shape, A.dtype)
-        delta = _delta(A, B, keep, ctx.scaling)
+        A, B, weight, s = ctx.A, ctx.B, ctx.weight, ctx.scaling
+        keep = _keep(weight, bits, ctx.shape)
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_xd = None
-        if ctx.merged:
-            grad_x = g @ (weight.to(delta.dtype) + delta).to(g.dtype) if ctx.needs_input_grad[0] else None
-        else:
-            grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-            grad_xd = g @ delta.to(g.dtype) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            delta = _delta(A, B, keep, s)
+            if ctx.merged:
+                grad_x = g @ _merged(weight, delta).to(g.dtype) if ctx.needs_input_grad[0] else None
+            else:
+                grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+                grad_xd = g @ delta.to(g.dtype) if ctx.needs_input_grad[1] else None
+            del delta
         gd = ctx.grad_dtype or A.dtype
-        G = (g2.t().to(gd) @ a_in.reshape(-1, a_in.shape[-1]).to(gd)).to(A.dtype).mul_(keep).mul_(ctx.scaling)
-        grad_A = B.t() @ G if ctx.needs_input_grad[4] else None
-        grad_B = G @ A.t() if ctx.needs_input_grad[5] else None
+        G = (g2.t().to(gd) @ a_in.reshape(-1, a_in.shape[-1]).to(gd)).to(A.dtype).mul_(keep)  # G⊙M, unscaled
+        grad_A = (B * s).t() @ G if ctx.needs_input_grad[4] else None  # s·Bᵀ(G⊙M)
+        grad_B = G @ (A * s).t() if ctx.needs_input_grad[5] else None  # s·(G⊙M)Aᵀ
         grad_bias = g2.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None, None
 
