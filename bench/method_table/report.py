@@ -77,6 +77,27 @@ def carry_over(recorded: dict, table: dict, shipped: dict) -> dict:
     return out
 
 
+def renamed_defaults(recorded: dict, table: dict, shipped: dict, config_of) -> dict:
+    """Recorded ``xpert_default`` rows (no cache folder here) that the shipped default no longer is, under the
+    method whose run config they hold (``config_of(domain, method, sparsity)``: a method's comparable run
+    config), as a cached cell is moved; none where that row exists already or no method matches."""
+    out = {}
+    for name, row in recorded.items():
+        domain, method, pct = name.split("-")[0], name.split("-")[1], name.rsplit("-s", 1)[-1]
+        if method != "xpert_default" or name in table or not row.get("run_config") or \
+                row["run_config"] == shipped.get(name):
+            continue
+        for other in METHODS:
+            if other == "xpert_default" or config_of(domain, other, int(pct) / 100) != row["run_config"]:
+                continue
+            target = f"{domain}-{other}-s{pct}"
+            if target not in table and target not in recorded and target not in out:
+                out[target] = {**row, "recorded": True}
+                print(f"[method_table] {name} (recorded) ran what is now {target}: kept under that name", flush=True)
+            break
+    return out
+
+
 def _versus(items) -> str:
     items = list(items)
     return " vs " + ", ".join(items) if items else " (no baseline measured yet)"

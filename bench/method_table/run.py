@@ -13,7 +13,8 @@ the next invocation; an unfinished cell checkpoints every 25 steps and resumes f
 command runs again, so the table can be completed over several sittings; a cached cell evaluated with
 other settings than ``EVAL`` is re-evaluated from its exported checkpoint. A cell of this budget recorded in the
 committed ``method_table.json`` whose cache folder is not here (a fresh clone) keeps its recorded row (marked
-``recorded``; an ``xpert_default`` row only while its ``run_config`` is still what the domain config ships).
+``recorded``; an ``xpert_default`` row only while its ``run_config`` is still what the domain config ships, else under
+the method whose config it ran).
 Accuracies carry 95% Wilson intervals. Defaults are chosen only on the validation column: perplexity of every cell's export on
 ``health_valid`` / ``legal_valid`` (held out of the training data); the test sets (PubMedQA and CaseHOLD test,
 MultiLegalPile eval) choose nothing. The post-hoc baselines (LoRA, then prune) are the dense cell's
@@ -37,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
                    VALID_WINDOWS, budget_tag, cell_name, model_override)
-from report import _train_peak, carry_over, markdown, summarise  # noqa: E402
+from report import _train_peak, carry_over, markdown, renamed_defaults, summarise  # noqa: E402
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
 # 2 OpenMP threads each took 60-80 s per training step each, against 10 s for one such cell alone (measured
@@ -350,6 +351,8 @@ def main() -> int:
         name.split("-")[0], "xpert_default", int(name.rsplit("-s", 1)[1]) / 100, args.extra)))
         for name in recorded if name.split("-")[1] == "xpert_default" and name not in table}
     kept = carry_over(recorded, table, shipped)
+    kept.update(renamed_defaults(recorded, table, shipped, lambda d, m, sp: _comparable(_resolved(
+        d, cell_overrides(d, m, sp, args.extra)))))
     if kept:
         print(f"[method_table] {len(kept)} cell(s) without a cache folder here kept as recorded: "
               f"{', '.join(sorted(kept))}", flush=True)

@@ -90,3 +90,25 @@ def test_recorded_rows_carried_over_only_while_they_still_mean_the_same():
                           "health-sparsegpt_masked_lora-s50": {**kept["health-sparsegpt_masked_lora-s50"],
                                                                "sparsity": 0.5}})
     assert "1 rows are as recorded in the committed table" in md and "health-sparsegpt_masked_lora-s50." in md
+
+
+def test_a_recorded_default_that_no_longer_ships_keeps_its_row_under_the_method_it_ran():
+    old = {"prune": {"sparsity": 0.5, "propagate": "pruned"}}
+    new = {"prune": {"sparsity": 0.5, "propagate": "pruned_first"}}
+    recorded = {"health-xpert_default-s50": {"metrics": {"perplexity": 17.8}, "run_config": old},
+                "legal-xpert_default-s50": {"metrics": {"perplexity": 26.7}, "run_config": old},
+                "legal-xpert_masked_obs_rewind-s50": {"metrics": {"perplexity": 26.6}},  # already has a row
+                "health-xpert_default-s40": {"metrics": {"perplexity": 13.4}, "run_config": new}}  # still ships
+    shipped = {name: new for name in recorded if "xpert_default" in name}
+    configs = {"xpert_masked_obs_rewind": old, "xpert_pfirst_bf16grad": new}
+
+    def config_of(domain, method, sparsity):
+        assert sparsity in (0.4, 0.5)
+        return configs.get(method, {"prune": {"method": method}})
+
+    moved = report.renamed_defaults(recorded, {}, shipped, config_of)
+    assert sorted(moved) == ["health-xpert_masked_obs_rewind-s50"]
+    assert moved["health-xpert_masked_obs_rewind-s50"]["metrics"] == {"perplexity": 17.8}
+    assert moved["health-xpert_masked_obs_rewind-s50"]["recorded"] is True
+    assert report.carry_over(recorded, {}, shipped).keys() == {"legal-xpert_masked_obs_rewind-s50",
+                                                              "health-xpert_default-s40"}
