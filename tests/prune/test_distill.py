@@ -141,5 +141,9 @@ def test_squarehead_splits_over_micro_batches_and_survives_checkpointing():
     split, g_split = loss_and_grad(False, True)
     ckpt, g_ckpt = loss_and_grad(True, True)
     assert split == pytest.approx(whole, rel=1e-5) and ckpt == pytest.approx(whole, rel=1e-5)
-    assert torch.allclose(g_split, g_whole, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(g_ckpt, g_whole, rtol=1e-4, atol=1e-7)
+    # float32 sums in another order: the noise scales with the largest gradient entries (~6e3 here; measured
+    # up to 1.5e-3 absolute, 2.4e-7 of the largest), so entries that are small differences of large terms move
+    # by more than rtol of themselves; a wrong split or normalisation errs by O(|g|)
+    tol = 1e-6 * float(g_whole.abs().max())
+    assert torch.allclose(g_split, g_whole, rtol=1e-4, atol=tol)
+    assert torch.allclose(g_ckpt, g_whole, rtol=1e-4, atol=tol)
