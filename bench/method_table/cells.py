@@ -80,9 +80,9 @@ METHODS = {
     # measures what bf16's rounding of G does to the export
     "xpert_bf16grad": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                        "prune.masked_grad_dtype=bfloat16", "prune.group=output", *MASKED],
-    # both savings that cost nothing measured so far: one block forward per block at the second prune step
-    # (pruned_first: health 40% validation 13.45, as the default) and the bf16 weight gradient. Health 40%:
-    # 13.45 (bench/results/method_table.md); legal and 50% not yet run
+    # both savings: one block forward per block at the second prune step (pruned_first) and the bf16 weight
+    # gradient; validation 13.447 / 22.560 (health / legal 40%) against 13.449 / 22.559 for the previous default
+    # (xpert_masked_obs_rewind): what the domain configs ship since 2026-12-03 (bench/results/method_table.md)
     "xpert_pfirst_bf16grad": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                               "prune.propagate=pruned_first", "prune.masked_grad_dtype=bfloat16",
                               "prune.group=output", *MASKED],
