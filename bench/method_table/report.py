@@ -98,6 +98,23 @@ def renamed_defaults(recorded: dict, table: dict, shipped: dict, config_of) -> d
     return out
 
 
+def default_twins(rows: dict, shipped: dict) -> dict:
+    """``xpert_default`` rows for cells that have none, copied from a row (``rows``: this sitting's and the
+    recorded ones) whose ``run_config`` is what the domain config ships there (``shipped``: xpert_default cell
+    name -> that config), as ``run.py`` copies a finished twin's folder."""
+    out = {}
+    for name, cfg in shipped.items():
+        if name in rows or cfg is None:
+            continue
+        domain, pct = name.split("-")[0], name.rsplit("-s", 1)[-1]
+        for other, row in sorted(rows.items()):
+            if other.startswith(f"{domain}-") and other.endswith(f"-s{pct}") and row.get("run_config") == cfg:
+                out[name] = {**row, "twin_of": other}
+                print(f"[method_table] {name}: same run config as {other}, its row is this cell's", flush=True)
+                break
+    return out
+
+
 def _versus(items) -> str:
     items = list(items)
     return " vs " + ", ".join(items) if items else " (no baseline measured yet)"

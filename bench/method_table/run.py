@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
                    VALID_WINDOWS, budget_tag, cell_name, model_override)
-from report import _train_peak, carry_over, markdown, renamed_defaults, summarise  # noqa: E402
+from report import _train_peak, carry_over, default_twins, markdown, renamed_defaults, summarise  # noqa: E402
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
 # 2 OpenMP threads each took 60-80 s per training step each, against 10 s for one such cell alone (measured
@@ -357,6 +357,10 @@ def main() -> int:
         print(f"[method_table] {len(kept)} cell(s) without a cache folder here kept as recorded: "
               f"{', '.join(sorted(kept))}", flush=True)
     table.update(kept)
+    shipped_all = {cell_name(d, "xpert_default", sp): _comparable(_resolved(d, cell_overrides(d, "xpert_default", sp,
+                                                                                           args.extra)))
+                   for d in DOMAINS for sp in (float(x) for x in args.sparsities.split(","))}
+    table.update(default_twins(table, shipped_all))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
                                                        "model": MODEL, "cells": table}, indent=2))

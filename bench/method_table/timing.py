@@ -71,7 +71,8 @@ def summary(runs: dict[str, list[dict]]) -> dict:
 
 def markdown(s: dict, args) -> str:
     lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.BUDGET)}; medians of "
-             f"{args.repeats} alternating runs each, no evaluation, "
+             f"{args.repeats} runs each (alternating within one sitting; cached runs are reused, and `finished` says when "
+             f"each ran), no evaluation, "
              f"{f'{args.threads} torch thread(s)' if args.threads else 'one torch thread per core'}.", "",
              "| run | steps | prune steps | train s | prune s | wall / LoRA | CPU / LoRA | peak RSS (train+prune) MiB | "
              "peak RSS / LoRA | finished (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -112,3 +112,18 @@ def test_a_recorded_default_that_no_longer_ships_keeps_its_row_under_the_method_
     assert moved["health-xpert_masked_obs_rewind-s50"]["recorded"] is True
     assert report.carry_over(recorded, {}, shipped).keys() == {"legal-xpert_masked_obs_rewind-s50",
                                                               "health-xpert_default-s40"}
+
+
+def test_the_default_row_comes_from_a_row_that_ran_the_shipped_config():
+    ships = {"prune": {"sparsity": 0.4, "propagate": "pruned_first"}}
+    rows = {"health-xpert_pfirst_bf16grad-s40": {"metrics": {"perplexity": 13.4}, "run_config": ships},
+            "health-xpert_masked_obs_rewind-s40": {"metrics": {"perplexity": 13.5},
+                                                   "run_config": {"prune": {"sparsity": 0.4}}},
+            "legal-xpert_default-s40": {"metrics": {"perplexity": 22.6}, "run_config": ships},  # has its own row
+            "legal-xpert_pfirst_bf16grad-s50": {"metrics": {"perplexity": 26.7}, "run_config": ships}}  # other cell
+    shipped = {"health-xpert_default-s40": ships, "legal-xpert_default-s40": ships,
+               "legal-xpert_default-s50": {"prune": {"sparsity": 0.5, "propagate": "pruned_first"}}}
+    twins = report.default_twins(rows, shipped)
+    assert sorted(twins) == ["health-xpert_default-s40"]
+    assert twins["health-xpert_default-s40"]["metrics"] == {"perplexity": 13.4}
+    assert twins["health-xpert_default-s40"]["twin_of"] == "health-xpert_pfirst_bf16grad-s40"
