@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from xpert_dist.prune.pruner import Pruner
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -60,28 +62,18 @@ def block0_hessian(model, ids):
     return H
 
 
-def _recording_pruner():
-    from xpert_dist.prune.pruner import Pruner
 
-    class Recording(Pruner):
-        """A Pruner that keeps the statistics each block was pruned with (``seen[step][block][group]``)."""
+class Recording(Pruner):
+    """A Pruner that keeps the statistics each block was pruned with (``seen[step][block][group]``)."""
 
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.seen: list[dict[int, dict]] = []
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: list[dict[int, dict]] = []
 
-        def step(self, *a, **kw):
-            self.seen.append({})
-            return super().step(*a, **kw)
+    def step(self, *a, **kw):
+        self.seen.append({})
+        return super().step(*a, **kw)
 
-        def prune_block(self, model, i, block, stats, sparsity, **kw):
-            self.seen[-1][i] = {g: s.sum.clone() for g, s in stats.items()}
-            return super().prune_block(model, i, block, stats, sparsity, **kw)
-
-    return Recording
-
-
-def __getattr__(name):  # ``from helpers import Recording`` without importing the package at collection
-    if name == "Recording":
-        return _recording_pruner()
-    raise AttributeError(name)
+    def prune_block(self, model, i, block, stats, sparsity, **kw):
+        self.seen[-1][i] = {g: s.sum.clone() for g, s in stats.items()}
+        return super().prune_block(model, i, block, stats, sparsity, **kw)

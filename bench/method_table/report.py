@@ -104,11 +104,11 @@ def default_twins(rows: dict, shipped: dict) -> dict:
     name -> that config), as ``run.py`` copies a finished twin's folder."""
     out = {}
     for name, cfg in shipped.items():
-        if name in rows or cfg is None:
+        if (name in rows and not rows[name].get("recorded")) or cfg is None:  # a twin here beats a recorded row
             continue
         domain, pct = name.split("-")[0], name.rsplit("-s", 1)[-1]
         for other, row in sorted(rows.items()):
-            if other.startswith(f"{domain}-") and other.endswith(f"-s{pct}") and row.get("run_config") == cfg:
+            if other != name and other.startswith(f"{domain}-") and other.endswith(f"-s{pct}") and row.get("run_config") == cfg:
                 out[name] = {**row, "twin_of": other}
                 print(f"[method_table] {name}: same run config as {other}, its row is this cell's", flush=True)
                 break

@@ -347,9 +347,11 @@ def main() -> int:
     for row in recorded.values():  # fields added to the config since the row was written, at their defaults
         if row.get("run_config"):
             row["run_config"] = _filled(row["run_config"])
+    # what the domain configs ship, per xpert_default cell (of this sitting's grid and of the recorded rows)
+    grid = {cell_name(d, "xpert_default", float(x)) for d in DOMAINS for x in args.sparsities.split(",")}
     shipped = {name: _comparable(_resolved(name.split("-")[0], cell_overrides(
         name.split("-")[0], "xpert_default", int(name.rsplit("-s", 1)[1]) / 100, args.extra)))
-        for name in recorded if name.split("-")[1] == "xpert_default" and name not in table}
+        for name in grid | {n for n in recorded if n.split("-")[1] == "xpert_default"}}
     kept = carry_over(recorded, table, shipped)
     kept.update(renamed_defaults(recorded, table, shipped, lambda d, m, sp: _comparable(_resolved(
         d, cell_overrides(d, m, sp, args.extra)))))
@@ -357,10 +359,7 @@ def main() -> int:
         print(f"[method_table] {len(kept)} cell(s) without a cache folder here kept as recorded: "
               f"{', '.join(sorted(kept))}", flush=True)
     table.update(kept)
-    shipped_all = {cell_name(d, "xpert_default", sp): _comparable(_resolved(d, cell_overrides(d, "xpert_default", sp,
-                                                                                           args.extra)))
-                   for d in DOMAINS for sp in (float(x) for x in args.sparsities.split(","))}
-    table.update(default_twins(table, shipped_all))
+    table.update(default_twins(table, shipped))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
                                                        "model": MODEL, "cells": table}, indent=2))
