@@ -29,8 +29,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# the method table (issue 10's numbers): every cell cached and resumable, then bench/results/method_table.md
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py $(ARGS)
+	$(BIN)/python bench/method_table/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
