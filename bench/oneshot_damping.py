@@ -35,7 +35,7 @@ from xpert_dist.models import loading  # noqa: E402
 from xpert_dist.models.lora import wrap_lora  # noqa: E402
 from xpert_dist.prune.pruner import Pruner  # noqa: E402
 from xpert_dist.train.data import build_train_data, calibration_batch  # noqa: E402
-from xpert_dist.utils.atomic import atomic_write_json  # noqa: E402
+from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
 CACHE = os.path.join(OUT, "cache", "oneshot_damping.json")
@@ -103,10 +103,7 @@ def main() -> int:
     atomic_write_json(os.path.join(OUT, "oneshot_damping.json"),
                       {"base_overrides": base, "variants": {n: {"label": VARIANTS[n][0], "overrides": VARIANTS[n][1],
                                                                  **done[n]} for n in rows}})
-    tmp = os.path.join(OUT, "oneshot_damping.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(md) + "\n")
-    os.replace(tmp, os.path.join(OUT, "oneshot_damping.md"))
+    atomic_write_text(os.path.join(OUT, "oneshot_damping.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
