@@ -123,6 +123,15 @@ METHODS = {
                                    "prune.sparsegpt_percdamp=0.1", *MASKED],
     "xpert_gradual": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                       "prune.prune_every=25", "prune.ramp=cubic", "prune.mask_final=fraction:0.667"],
+    # gradual pruning with OWL's layer sparsities (each ramp step's target spread over the blocks by outlier ratio):
+    # the two changes that each gained at health 50% (gradual +3.0, OWL +1.0 validation points over the default)
+    "xpert_gradual_owl": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
+                          "prune.prune_every=25", "prune.ramp=cubic", "prune.allocation=owl",
+                          "prune.mask_final=fraction:0.667"],
+    # the control for gradual pruning: the same four prune steps (25, 50, 75, 100) and rewinds, each to the full
+    # target (no ramp): separates the ramp from the extra prune steps and rewinds
+    "xpert_every25": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
+                      "prune.prune_every=25", "prune.mask_final=fraction:0.667"],
     "xpert_masked_obs_half": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.group=output",
                               "prune.mask_final=fraction:0.5"],
     "xpert_masked_pbs_base_full": [*EX, "prune.pbs=full", "prune.pbs_order=base", "prune.group=output", *MASKED],
