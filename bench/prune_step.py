@@ -35,6 +35,7 @@ from xpert_dist.models import loading  # noqa: E402
 from xpert_dist.models.lora import wrap_lora  # noqa: E402
 from xpert_dist.prune.pruner import Pruner  # noqa: E402
 from xpert_dist.train.data import build_train_data, calibration_batch  # noqa: E402
+from xpert_dist.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
 
@@ -125,10 +126,7 @@ def main() -> int:
                f"{res['mask_agreement_min']:.5f}, mean {res['mask_agreement_mean']:.5f}.", ""]
     os.makedirs(OUT, exist_ok=True)
     for name, text in (("prune_step.json", json.dumps(res, indent=2)), ("prune_step.md", "\n".join(md))):
-        tmp = os.path.join(OUT, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(OUT, name))
+        atomic_write_text(os.path.join(OUT, name), text)
     print("\n".join(md))
     return 0
 

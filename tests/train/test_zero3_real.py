@@ -6,6 +6,8 @@
 * a random Llama with SmolLM2's vocabulary (49,152 x 64 embedding, tied and untied), saved as a
   plain folder, trains, prunes in the loop and exports on 2 ranks, also when one rank holds no
   calibration batch (the embedding gather must still be joined by every rank);
+* gradual pruning with OWL's layer sparsities on 2 ranks: each step's per-matrix sparsities and the
+  exported masks are the single process's;
 * the packaged SmolLM2 (GGUF) end to end through the real entry point, with the deepspeed launcher
   on 1 process and torchrun on 2: the export reloads with plain transformers, its sparsity is
   exact, and masks and perplexity match a single-process run with the same global batch
@@ -158,6 +160,49 @@ def test_zero3_random_llama_plain_folder(random_llama, tmp_path):
     res = _run("torchrun", 2, tmp_path / "zero3", common, timeout=300)
     assert res["world_size"] == 2 and len(res["prune_reports"]) == 2
     _exported_masks(tmp_path / "zero3", 0.4)
+
+
+@pytest.mark.parametrize("random_llama", ["untied"], indirect=True)  # tying is covered above; one run pair is enough
+def test_zero3_gradual_owl_matches_single_process(random_llama, tmp_path):
+    """Gradual pruning (prune.ramp=cubic) with OWL's layer sparsities (prune.allocation=owl) on 2 ZeRO-3 ranks:
+    the allocation is computed from full-model forwards of the partitioned model, so each prune step's
+    per-matrix sparsities and the exported masks must be the single process's (same global batch), and the
+    export must hold exactly the sparsity the last step reported for each matrix (a mean of 40%)."""
+    common = [f"model.name_or_path={random_llama}", "train.max_steps=4", "prune.prune_every=1", "train.batch_size=2",
+              "data.calib_samples=16", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
+              "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none",
+              "eval.base_reference=false", "prune.ramp=cubic", "prune.allocation=owl", "prune.owl_lambda=0.1",
+              "prune.mask_final=last_inloop"]
+    ref = _run("python", 1, tmp_path / "single", common, timeout=300)
+    got = _run("torchrun", 2, tmp_path / "zero3", common, timeout=300)
+    assert got["world_size"] == 2
+    in_loop = [r for r in ref["prune_reports"] if not r["final"]]
+    targets = [r["target_sparsity"] for r in in_loop]
+    # three in-loop steps (before optimizer steps 1, 2, 3) ramping 0.4 * (1 - (1 - k/3)^3); the last reaches 0.4
+    assert targets == pytest.approx([0.4 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)], abs=1e-9), targets
+    for r, g in zip(ref["prune_reports"], got["prune_reports"], strict=True):
+        assert r["target_sparsity"] == g["target_sparsity"]
+        assert r["sparsity"].keys() == g["sparsity"].keys()
+        for name, s in r["sparsity"].items():
+            assert g["sparsity"][name] == pytest.approx(s, abs=2e-3), (r["step"], name, s, g["sparsity"][name])
+    last = in_loop[-1]["sparsity"]
+    # OWL spreads the 40%: the two blocks get different sparsities, whose mean is the target
+    per_block = {n.split(".layers.")[1].split(".")[0]: s for n, s in last.items() if ".layers." in n}
+    assert len(set(round(v, 3) for v in per_block.values())) > 1, last
+    assert sum(per_block.values()) / len(per_block) == pytest.approx(0.4, abs=0.01), per_block
+
+    from transformers import AutoModelForCausalLM
+
+    masks = {}
+    for run in ("single", "zero3"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / run / "model", dtype=torch.float32)
+        masks[run] = {n: p != 0 for n, p in model.named_parameters()
+                      if n.endswith(".weight") and n.split(".")[-2] in LINEARS}
+    for name, m in masks["single"].items():
+        want = last[name.removesuffix(".weight")]
+        assert 1 - m.float().mean().item() == pytest.approx(want, abs=1e-3), (name, want)
+    frac = _differing_fraction(masks["single"], masks["zero3"])
+    assert frac <= MASK_FRACTION_NOISE, f"{frac:.2e} of mask entries differ from the single process"
 
 
 def test_zero3_smollm2_end_to_end(tmp_path):
