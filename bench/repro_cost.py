@@ -30,7 +30,7 @@ OUT = ROOT / "bench" / "results"
 
 def overrides(steps: int) -> list[str]:
     return [f"train.max_steps={steps}", "train.batch_size=4", "data.seq_len=128", "data.calib_samples=4",
-            "prune.schedule=steps", f"prune.prune_every={max(1, steps // 2)}", "prune.pbs=diagonal", "prune.reconstruct=off",
+            "prune.schedule=steps", f"prune.prune_every={max(1, steps // 2)}", "prune.prune_steps=0", "prune.pbs=diagonal", "prune.reconstruct=off",
             "lora.dropout=0.0", "train.threads=1", "eval.perplexity_windows=1", "eval.perplexity_seq_len=128",
             "eval.tasks=[]", "model.name_or_path=smollm2"]
 

@@ -105,6 +105,9 @@ class PruneConfig:
     pbs_lambda: float = 1e-8
     schedule: str = "epoch"  # epoch | steps | final_only | before_training
     prune_every: int = 0  # optimizer steps between prune steps when schedule == steps
+    # schedule == steps: the number of in-loop prune steps, evenly spaced up to the step that makes the mask
+    # final (fraction:<f>), else over the whole run; the same shape at any max_steps. > 0 overrides prune_every
+    prune_steps: int = 0
     ramp: str = "constant"  # constant | cubic
     modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
     stats_dtype: str = "float32"  # float32 | float64

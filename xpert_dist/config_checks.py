@@ -107,8 +107,10 @@ def validate(cfg: RunConfig) -> None:
     if p.adapter_reset and p.pbs != "off" and p.pbs_order == "adapter":
         raise ConfigError("prune.adapter_reset=true re-initialises A, which would void PBS's update of B "
                           "(computed for the old A): use prune.pbs_order=base or prune.pbs=off")
-    if p.schedule == "steps" and p.prune_every <= 0:
-        raise ConfigError("prune.schedule=steps needs prune.prune_every > 0")
+    if p.prune_steps < 0:
+        raise ConfigError(f"prune.prune_steps must be >= 0, got {p.prune_steps}")
+    if p.schedule == "steps" and p.prune_every <= 0 and p.prune_steps <= 0:
+        raise ConfigError("prune.schedule=steps needs prune.prune_every > 0 or prune.prune_steps > 0")
     if p.allocation == "owl" and p.pattern != "unstructured":
         raise ConfigError("prune.allocation=owl works only with prune.pattern=unstructured")
     bad = sorted(set(p.modules) - set(LLAMA_LINEARS))

@@ -158,13 +158,14 @@ VALID = {"health": "health_valid", "legal": "legal_valid"}
 VALID_WINDOWS = 32
 # every cell but the shipped default says what it reconstructs (the domain configs ship prune.reconstruct=obs),
 # whether it rewinds the learning rate (prune.lr_rewind), how its calibration propagates (prune.propagate),
-# which column factor its ForeSight score uses (prune.saliency) and how much XᵀX is damped (prune.sparsegpt_percdamp),
-# so that a changed shipped default changes no other cell
+# which column factor its ForeSight score uses (prune.saliency), how much XᵀX is damped (prune.sparsegpt_percdamp),
+# whether it ramps (prune.ramp) and whether its prune steps are a count (prune.prune_steps; 0: the budget's
+# prune_every), so that a changed shipped default changes no other cell
 for _name, _ov in METHODS.items():
     for _opt, _off in (("prune.reconstruct=", "off"), ("prune.lr_rewind=", "false"), ("prune.propagate=", "pruned"),
                        ("prune.saliency=", "diag"), ("prune.masked_grad_dtype=", "auto"),
                        ("prune.calib_dtype=", "auto"), ("prune.allocation=", "uniform"),
-                       ("prune.sparsegpt_percdamp=", "0.01")):
+                       ("prune.sparsegpt_percdamp=", "0.01"), ("prune.ramp=", "constant"), ("prune.prune_steps=", "0")):
         if _name != "xpert_default" and not any(o.startswith(_opt) for o in _ov):
             _ov.insert(0, _opt + _off)
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]

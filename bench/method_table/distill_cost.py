@@ -37,7 +37,7 @@ def main() -> int:
         table.THREADS.append(args.threads)
     table.MODEL.extend(table.model_override())
     common = [f"train.max_steps={args.steps}", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=8",
-              "prune.schedule=steps", f"prune.prune_every={args.prune_every}", "eval.tasks=[]",
+              "prune.schedule=steps", f"prune.prune_every={args.prune_every}", "prune.prune_steps=0", "eval.tasks=[]",
               "eval.perplexity_windows=0", "eval.base_reference=false", *table.MODEL]
     runs = {}
     for mode in ("off", *args.modes):

@@ -130,7 +130,27 @@ def _comparable(cfg: dict) -> dict:
     path = path.split("/bench/results/cache/", 1)[-1]
     out["model"] = {**out["model"], "name_or_path": path}
     out["eval"] = _metric_settings(out["eval"])
-    return out
+    return _canonical_schedule(out)
+
+
+def _canonical_schedule(cfg: dict) -> dict:
+    """The in-loop schedule in one spelling: ``prune.prune_steps=n`` becomes the ``prune.prune_every`` that
+    places the same prune steps (25, 50, 75, 100 at 150 steps with the mask final at 100: ``prune_every=25``),
+    so that two runs pruning at the same steps are the same run however their config said it."""
+    from xpert_dist.config import PruneConfig
+    from xpert_dist.train.schedule import plan_prune_steps
+
+    prune = cfg["prune"]
+    if prune.get("schedule") != "steps" or not prune.get("prune_steps"):
+        return cfg
+    total = cfg["train"]["max_steps"]
+    known = {f for f in PruneConfig.__dataclass_fields__}
+    plan = plan_prune_steps(PruneConfig(**{k: v for k, v in prune.items() if k in known}), 1, total)
+    every = {**prune, "prune_steps": 0, "prune_every": plan.steps[0]} if plan.steps else None
+    if every is not None and plan_prune_steps(PruneConfig(**{k: v for k, v in every.items() if k in known}),
+                                              1, total) == plan:
+        return {**cfg, "prune": every}
+    return cfg
 
 
 def _stale(out: Path, domain: str, overrides: list[str]) -> bool:
@@ -277,7 +297,7 @@ def _filled(cfg: dict) -> dict:
     out = {k: v for k, v in config_from_dict(cfg).to_dict().items() if k not in ("name", "output_dir")}
     out["model"] = {**out["model"], "name_or_path": cfg["model"]["name_or_path"]}
     out["eval"] = _metric_settings(out["eval"])
-    return out
+    return _canonical_schedule(out)
 
 
 def _metric_settings(eval_cfg: dict) -> dict:

@@ -38,6 +38,7 @@ def test_override_parsing():
     ("prune.modules=[q_proj,qkv_proj]", "prune.modules"),
     ("lora.target_modules=[c_attn]", "lora.target_modules"),
     ("prune.schedule=steps", "prune.prune_every"),
+    ("prune.prune_steps=-1", "prune.prune_steps"),
     ("train.batch_size=0", "train.batch_size"),
     ("eval.tasks=[mmlu]", "eval.tasks"),
     ("ds_config=/nonexistent/zero3.json", "ds_config"),

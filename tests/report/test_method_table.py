@@ -127,3 +127,20 @@ def test_the_default_row_comes_from_a_row_that_ran_the_shipped_config():
     assert sorted(twins) == ["health-xpert_default-s40"]
     assert twins["health-xpert_default-s40"]["metrics"] == {"perplexity": 13.4}
     assert twins["health-xpert_default-s40"]["twin_of"] == "health-xpert_pfirst_bf16grad-s40"
+
+
+def test_a_schedule_given_as_a_count_is_the_same_run_as_its_cadence():
+    """``prune.prune_steps=4`` with the mask final at 0.667 of 150 steps prunes at 25, 50, 75, 100, as
+    ``prune.prune_every=25`` does (``xpert_gradual``): the two configs compare equal; 3 steps (33, 67, 100)
+    have no cadence that gives them and stay different."""
+    import run
+
+    def cfg(*overrides):
+        return run._comparable(run._resolved("health", [*run.cell_overrides("health", "xpert_gradual", 0.5, []),
+                                                        *overrides]))
+
+    gradual = cfg()
+    assert gradual["prune"]["prune_every"] == 25 and gradual["prune"]["prune_steps"] == 0
+    assert cfg("prune.prune_every=50", "prune.prune_steps=4") == gradual
+    assert cfg("prune.prune_every=50", "prune.prune_steps=3") != gradual
+    assert run._filled(gradual) == gradual  # a recorded row's config keeps its spelling

@@ -114,6 +114,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         log.info("run %s: %d optimizer steps (%d per epoch), prune steps before %s, world size %d%s",
                  cfg.name, total, spe, list(plan.steps) or "none", world,
                  f", DeepSpeed ZeRO-{_zero_stage(ds)}" if ds else "")
+        if cfg.prune.schedule == "steps" and cfg.prune.prune_steps > 0 and cfg.prune.prune_every > 0:
+            log.warning("prune.prune_steps=%d places the prune steps; prune.prune_every=%d is not used",
+                        cfg.prune.prune_steps, cfg.prune.prune_every)
 
     before_s = before_cpu = 0.0
     distiller = None  # prune.distill: the teacher is the model as it was just before the first prune step

@@ -33,15 +33,30 @@ def ramp(target: float, k: int, n: int, kind: str) -> float:
     return target * (1.0 - (1.0 - frac) ** 3)
 
 
+def evenly_spaced(n: int, total_steps: int, frac: float | None) -> tuple[int, ...]:
+    """``prune.prune_steps=n``: n prune steps at round(k·S/n), k = 1..n, where S is the step that makes the mask
+    final (round(frac·total), frac from ``prune.mask_final=fraction:<f>``), else at round(k·total/(n+1)) (the
+    last one leaves as many steps to recover as lie between two prune steps). Repeats and steps outside
+    [1, total) are dropped (a run too short for n steps gets fewer)."""
+    if frac is not None:
+        span = max(1, min(total_steps - 1, round(frac * total_steps)))
+        at = [round(k * span / n) for k in range(1, n + 1)]
+    else:
+        at = [round(k * total_steps / (n + 1)) for k in range(1, n + 1)]
+    return tuple(sorted({s for s in at if 1 <= s < total_steps}))
+
+
 def plan_prune_steps(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> PrunePlan:
     """Prune steps at the start of every epoch after the first (``epoch``), every ``prune_every``
-    optimizer steps (``steps``), or none in the loop (``final_only``, ``before_training``).
+    optimizer steps or ``prune_steps`` of them evenly spaced (``steps``), or none in the loop (``final_only``, ``before_training``).
     After training the pipeline runs the final prune step (unless method is none), or, when the final
     mask was chosen in the loop (``mask_final_at``), only verifies its sparsity."""
     if cfg.method == "none":
         return PrunePlan((), (), False)
     if cfg.schedule == "epoch":
         steps = tuple(s for s in range(steps_per_epoch, total_steps, steps_per_epoch))
+    elif cfg.schedule == "steps" and cfg.prune_steps > 0:
+        steps = evenly_spaced(cfg.prune_steps, total_steps, mask_final_fraction(cfg.mask_final))
     elif cfg.schedule == "steps":
         steps = tuple(range(cfg.prune_every, total_steps, cfg.prune_every))
     else:
