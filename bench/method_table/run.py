@@ -143,14 +143,13 @@ def _canonical_schedule(cfg: dict) -> dict:
     prune = cfg["prune"]
     if prune.get("schedule") != "steps" or not prune.get("prune_steps"):
         return cfg
-    total = cfg["train"]["max_steps"]
-    known = {f for f in PruneConfig.__dataclass_fields__}
-    plan = plan_prune_steps(PruneConfig(**{k: v for k, v in prune.items() if k in known}), 1, total)
-    every = {**prune, "prune_steps": 0, "prune_every": plan.steps[0]} if plan.steps else None
-    if every is not None and plan_prune_steps(PruneConfig(**{k: v for k, v in every.items() if k in known}),
-                                              1, total) == plan:
-        return {**cfg, "prune": every}
-    return cfg
+    def plan(p: dict):
+        return plan_prune_steps(PruneConfig(**{k: v for k, v in p.items() if k in PruneConfig.__dataclass_fields__}),
+                                1, cfg["train"]["max_steps"])
+
+    counted = plan(prune)
+    every = {**prune, "prune_steps": 0, "prune_every": counted.steps[0]} if counted.steps else None
+    return {**cfg, "prune": every} if every is not None and plan(every) == counted else cfg
 
 
 def _stale(out: Path, domain: str, overrides: list[str]) -> bool:

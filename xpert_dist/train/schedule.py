@@ -48,7 +48,8 @@ def evenly_spaced(n: int, total_steps: int, frac: float | None) -> tuple[int, ..
 
 def plan_prune_steps(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> PrunePlan:
     """Prune steps at the start of every epoch after the first (``epoch``), every ``prune_every``
-    optimizer steps or ``prune_steps`` of them evenly spaced (``steps``), or none in the loop (``final_only``, ``before_training``).
+    optimizer steps or ``prune_steps`` of them evenly spaced (``steps``), or none in the loop
+    (``final_only``, ``before_training``).
     After training the pipeline runs the final prune step (unless method is none), or, when the final
     mask was chosen in the loop (``mask_final_at``), only verifies its sparsity."""
     if cfg.method == "none":
