@@ -108,12 +108,6 @@ METHODS = {
     # reconstruction the default then runs, as SparseGPT's selection does (SparseGPT -> masked LoRA leads at 50%)
     "xpert_obs_saliency": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                            "prune.saliency=obs", "prune.group=output", *MASKED],
-    # gradual pruning (Zhu & Gupta's cubic ramp, prune.ramp=cubic): prune steps at 25, 50 and 75 reaching 58%,
-    # 88% and 98% of the target, the target (mask final) at step 100, then 50 masked steps; the default's two
-    # steps both prune to the full target. Health 50%: validation 16.88 (61.9%) against the default's 17.74
-    # (58.9%) and SparseGPT -> masked LoRA's 17.48 (59.8%); legal 50%: 26.15 (74.6%) against 26.73 / 27.00 (test
-    # 58.8% against 59.2%); health 40%: 13.42, level with the default's 13.45; legal 40%: 22.31 (87.4%) against
-    # 22.56; four prune steps instead of two. What the domain configs ship since 2026-12-04 (as prune.prune_steps=4)
     # the shipped default with 10x SparseGPT's damping of XᵀX in the OBS reconstruction (prune.sparsegpt_percdamp=0.1:
     # λ = 0.1·mean diag instead of 0.01): with 32 calibration windows the reconstruction fits them, and on the
     # base model one-shot at 50% it lowered health_valid perplexity 26.41 -> 25.86 (0.03: 26.18, 0.3: 25.95;
@@ -122,6 +116,12 @@ METHODS = {
                    "prune.masked_grad_dtype=bfloat16", "prune.sparsegpt_percdamp=0.1", "prune.group=output", *MASKED],
     "sparsegpt_masked_lora_damp": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off",
                                    "prune.sparsegpt_percdamp=0.1", *MASKED],
+    # gradual pruning (Zhu & Gupta's cubic ramp, prune.ramp=cubic): prune steps at 25, 50 and 75 reaching 58%,
+    # 88% and 98% of the target, the target (mask final) at step 100, then 50 masked steps; the default's two
+    # steps both prune to the full target. Health 50%: validation 16.88 (61.9%) against the default's 17.74
+    # (58.9%) and SparseGPT -> masked LoRA's 17.48 (59.8%); legal 50%: 26.15 (74.6%) against 26.73 / 27.00 (test
+    # 58.8% against 59.2%); health 40%: 13.42, level with the default's 13.45; legal 40%: 22.31 (87.4%) against
+    # 22.56; four prune steps instead of two. What the domain configs ship since 2026-12-04 (as prune.prune_steps=4)
     "xpert_gradual": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                       "prune.prune_every=25", "prune.ramp=cubic", "prune.mask_final=fraction:0.667"],
     # gradual pruning with OWL's layer sparsities (each ramp step's target spread over the blocks by outlier ratio):

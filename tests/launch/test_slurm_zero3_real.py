@@ -26,7 +26,8 @@ def test_sbatch_zero3_smollm2(slurm_cluster, tmp_path):
            "XPERT_DIST_TIMEOUT_S": "180"}
     job = sbatch.submit("slurm/cpu_tiny.sh",
                         [str(REPO / "configs" / "default_health.yaml"), f"output_dir={out}", "train.max_steps=2",
-                         "prune.prune_every=1", "prune.prune_steps=0", "train.batch_size=2", "train.warmup_steps=1", "data.calib_samples=4",
+                         "prune.prune_every=1", "prune.prune_steps=0", "train.batch_size=2", "train.warmup_steps=1",
+                         "data.calib_samples=4",
                          "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]", "eval.perplexity_windows=2",
                          "eval.perplexity_seq_len=64", "prune.offload=none",
                          "eval.base_reference=false"],  # the shipped pruning: ForeSight + OBS, LR rewinding

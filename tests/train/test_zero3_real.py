@@ -154,7 +154,8 @@ def _update_difference(base: dict, ref_dir: Path, out_dir: Path) -> float:
 
 def test_zero3_random_llama_plain_folder(random_llama, tmp_path):
     """The issue's second failure: one calibration batch (rank 1 holds none), in-loop prune, export."""
-    common = [f"model.name_or_path={random_llama}", "train.max_steps=2", "prune.prune_every=1", "prune.prune_steps=0", "train.batch_size=2",
+    common = [f"model.name_or_path={random_llama}", "train.max_steps=2", "prune.prune_every=1", "prune.prune_steps=0",
+              "train.batch_size=2",
               "data.calib_samples=1", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
               "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none"]
     res = _run("torchrun", 2, tmp_path / "zero3", common, timeout=300)
@@ -168,7 +169,8 @@ def test_zero3_gradual_owl_matches_single_process(random_llama, tmp_path):
     the allocation is computed from full-model forwards of the partitioned model, so each prune step's
     per-matrix sparsities and the exported masks must be the single process's (same global batch), and the
     export must hold exactly the sparsity the last step reported for each matrix (a mean of 40%)."""
-    common = [f"model.name_or_path={random_llama}", "train.max_steps=4", "prune.prune_every=1", "prune.prune_steps=0", "train.batch_size=2",
+    common = [f"model.name_or_path={random_llama}", "train.max_steps=4", "prune.prune_every=1", "prune.prune_steps=0",
+              "train.batch_size=2",
               "data.calib_samples=16", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
               "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none",
               "eval.base_reference=false", "prune.ramp=cubic", "prune.allocation=owl", "prune.owl_lambda=0.1",
@@ -213,7 +215,8 @@ def test_zero3_smollm2_end_to_end(tmp_path):
     16 calibration windows of 64 tokens: with 2 (128 tokens for 576 inputs) the damped XᵀX is so
     ill-conditioned that float noise between the runs moved perplexity by 2% (measured, 34.66 against
     33.97); with 16 the OBS solution is well posed (0.3%)."""
-    common = ["train.max_steps=2", "prune.prune_every=1", "prune.prune_steps=0", "train.batch_size=2", "train.warmup_steps=1",
+    common = ["train.max_steps=2", "prune.prune_every=1", "prune.prune_steps=0",
+              "train.batch_size=2", "train.warmup_steps=1",
               "data.calib_samples=16", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
               "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none",
               # the shipped default's pruning (configs/default_health.yaml: ForeSight, OBS reconstruction of the

@@ -33,13 +33,18 @@ def ramp(target: float, k: int, n: int, kind: str) -> float:
     return target * (1.0 - (1.0 - frac) ** 3)
 
 
+def final_step(frac: float, total_steps: int) -> int | None:
+    """The optimizer step before which ``prune.mask_final=fraction:<frac>`` makes the mask final (inside the run)."""
+    return max(1, min(total_steps - 1, round(frac * total_steps))) if total_steps > 1 else None
+
+
 def evenly_spaced(n: int, total_steps: int, frac: float | None) -> tuple[int, ...]:
     """``prune.prune_steps=n``: n prune steps at round(k·S/n), k = 1..n, where S is the step that makes the mask
     final (round(frac·total), frac from ``prune.mask_final=fraction:<f>``), else at round(k·total/(n+1)) (the
     last one leaves as many steps to recover as lie between two prune steps). Repeats and steps outside
     [1, total) are dropped (a run too short for n steps gets fewer)."""
-    if frac is not None:
-        span = max(1, min(total_steps - 1, round(frac * total_steps)))
+    span = final_step(frac, total_steps) if frac is not None else None
+    if span is not None:
         at = [round(k * span / n) for k in range(1, n + 1)]
     else:
         at = [round(k * total_steps / (n + 1)) for k in range(1, n + 1)]
@@ -54,22 +59,22 @@ def plan_prune_steps(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -
     mask was chosen in the loop (``mask_final_at``), only verifies its sparsity."""
     if cfg.method == "none":
         return PrunePlan((), (), False)
+    frac = mask_final_fraction(cfg.mask_final)
     if cfg.schedule == "epoch":
         steps = tuple(s for s in range(steps_per_epoch, total_steps, steps_per_epoch))
     elif cfg.schedule == "steps" and cfg.prune_steps > 0:
-        steps = evenly_spaced(cfg.prune_steps, total_steps, mask_final_fraction(cfg.mask_final))
+        steps = evenly_spaced(cfg.prune_steps, total_steps, frac)
     elif cfg.schedule == "steps":
         steps = tuple(range(cfg.prune_every, total_steps, cfg.prune_every))
     else:
         steps = ()
     before = cfg.schedule == "before_training"
-    frac = mask_final_fraction(cfg.mask_final)
     final_at = None
     if cfg.mask_final != "end":
         if before:
             final_at = 0
         elif frac is not None and cfg.schedule in ("epoch", "steps"):
-            final_at = max(1, min(total_steps - 1, round(frac * total_steps))) if total_steps > 1 else None
+            final_at = final_step(frac, total_steps)
             if final_at is not None:
                 steps = tuple(s for s in steps if s < final_at) + (final_at,)
         elif steps:
