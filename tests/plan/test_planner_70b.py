@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from xpert_dist.plan.memory import PlanSpec, estimate
@@ -134,3 +135,50 @@ def test_obs_saliency_alone_needs_the_full_hessian():
     assert obs[("prune", "OBS saliency workspace (largest-input module, float32)")] == 2 * i * i * 4
     # the mask is ForeSight's on the unchanged weights: only masks are broadcast
     assert obs[("prune", "masks + results of the block (bool, broadcast)")] == shape.block_linear_params()
+
+
+def _sbatch(script, key: str) -> str:
+    import re
+
+    return re.search(rf"^#SBATCH --{key}=(\S+)", script.read_text(), re.M).group(1)
+
+
+@pytest.mark.parametrize("config, script, shape, gpu_gb, host_gb", [
+    # slurm/prune_70b.sh asks for 80 GB GPUs and all of a node's memory (--mem=0): 512 GiB assumed
+    ("llama70b_health", "prune_70b", "llama2_70b", 80, 512),
+    # slurm/prune_7b.sh: "40-80 GB GPUs", --mem=256G; planned on the smaller GPU
+    ("llama7b_health", "prune_7b", "llama2_7b", 40, 256),
+])
+def test_shipped_cluster_configs_fit_their_sbatch_allocation(config, script, shape, gpu_gb, host_gb):
+    """The cluster configs ship the domain configs' recipe (OBS reconstruction from the full XᵀX, the ramp):
+    planned with their own settings, the DeepSpeed config their sbatch script names and that script's nodes and
+    GPUs, both the training step and the prune step fit on the GPUs and in host memory."""
+    import json
+    import re
+    from pathlib import Path
+
+    from xpert_dist.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / f"{config}.yaml")
+    sh = root / "slurm" / f"{script}.sh"
+    ds_path = re.search(r"^DS_CONFIG=(\S+)", sh.read_text(), re.M).group(1)
+    zero = json.loads((root / ds_path).read_text())["zero_optimization"]
+    p = cfg.prune
+    spec = PlanSpec(model=ModelShape.load(shape), nodes=int(_sbatch(sh, "nodes")),
+                    gpus_per_node=int(_sbatch(sh, "gpus-per-node")), gpu_mem_gb=gpu_gb, host_mem_gb=host_gb,
+                    zero_stage=zero["stage"],
+                    offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none"),
+                    offload_params=zero.get("offload_param", {}).get("device", "none"),
+                    method=p.method, pbs=p.pbs, pbs_support=p.pbs_support, reconstruct=p.reconstruct,
+                    saliency=p.saliency, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, seq_len=cfg.data.seq_len,
+                    micro_batch=cfg.train.micro_batch_size, calib_samples=cfg.data.calib_samples,
+                    stats_offload=p.offload, stats_dtype=p.stats_dtype, solver_dtype=p.solver_dtype,
+                    dtype=cfg.model.dtype, grad_checkpointing=cfg.train.gradient_checkpointing)
+    plan = estimate(spec)
+    assert p.reconstruct == "obs" and p.ramp == "cubic"  # what the domain configs ship
+    for step in ("train", "prune"):
+        assert plan.fits[step]["accel"] and plan.fits[step]["host"], (step, plan.peaks[step], plan.suggestions)
+    # the OBS solve of down_proj (the widest input) is planned: two I x I fp32 matrices on the accelerator
+    obs = [t for t in plan.terms if t.name.startswith("OBS reconstruction workspace")]
+    assert obs and obs[0].bytes >= 2 * ModelShape.load(shape).intermediate ** 2 * 4
