@@ -208,27 +208,34 @@ def test_zero3_gradual_owl_matches_single_process(random_llama, tmp_path):
 
 
 def test_zero3_smollm2_end_to_end(tmp_path):
-    """SmolLM2 (GGUF) through launchers/run.py with the shipped pruning: single process (reference),
+    """SmolLM2 (GGUF) through launchers/run.py with the shipped pruning, ramp included: single process (reference),
     deepspeed launcher on one process with ZeRO-3, torchrun on two; all export, reload and agree, and the
     OBS update of the kept weights under ZeRO-3 is the single process's.
 
     16 calibration windows of 64 tokens: with 2 (128 tokens for 576 inputs) the damped XᵀX is so
     ill-conditioned that float noise between the runs moved perplexity by 2% (measured, 34.66 against
     33.97); with 16 the OBS solution is well posed (0.3%)."""
-    common = ["train.max_steps=2", "prune.prune_every=1", "prune.prune_steps=0",
+    common = ["train.max_steps=4",
               "train.batch_size=2", "train.warmup_steps=1",
               "data.calib_samples=16", "data.seq_len=64", "lora.dropout=0", "eval.tasks=[]",
               "eval.perplexity_windows=2", "eval.perplexity_seq_len=64", "prune.offload=none",
               # the shipped default's pruning (configs/default_health.yaml: ForeSight, OBS reconstruction of the
-              # kept base weights from the rank-summed full XᵀX, LR rewinding); no base-model evaluation
+              # kept base weights from the rank-summed full XᵀX, LR rewinding, prune_steps=4 on the cubic ramp with
+              # the mask final at 2/3 of training); no base-model evaluation
               "eval.base_reference=false"]
     ref = _run("python", 1, tmp_path / "single", common)
+    # at 4 optimizer steps the shipped ramp is three prune steps (before steps 1, 2, 3; the mask final at
+    # round(0.667 * 4) = 3) to 0.4 * (1 - (1 - k/3)^3): 19/27, 26/27 and all of the target
+    in_loop = [r for r in ref["prune_reports"] if not r["final"]]
+    assert [r["target_sparsity"] for r in in_loop] == pytest.approx([0.4 * 19 / 27, 0.4 * 26 / 27, 0.4], abs=1e-9)
     ref_masks = _exported_masks(tmp_path / "single", 0.4)
     base = _base_weights()
     for launcher, world in (("deepspeed", 1), ("torchrun", 2)):
         out = tmp_path / f"{launcher}{world}"
         res = _run(launcher, world, out, common)
         assert res["world_size"] == world
+        assert [r["target_sparsity"] for r in res["prune_reports"]] == \
+            [r["target_sparsity"] for r in ref["prune_reports"]], launcher
         masks = _exported_masks(out, 0.4)
         # "match" as launchers/repro.py defines float noise across world sizes: the first step's loss
         # (before any prune step) agrees to 1e-5 relative, masks differ in at most 1% of entries
