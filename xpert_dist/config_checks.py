@@ -113,6 +113,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("prune.schedule=steps needs prune.prune_every > 0 or prune.prune_steps > 0")
     if p.allocation == "owl" and p.pattern != "unstructured":
         raise ConfigError("prune.allocation=owl works only with prune.pattern=unstructured")
+    _positive("prune.owl_lambda", p.owl_lambda, allow_zero=True)
+    _positive("prune.owl_m", p.owl_m)
+    if not p.owl_lambda < 1:
+        raise ConfigError(f"prune.owl_lambda={p.owl_lambda!r} must be below 1 (a spread of layer sparsities)")
     bad = sorted(set(p.modules) - set(LLAMA_LINEARS))
     if bad:
         raise ConfigError(f"prune.modules: unknown module name(s) {bad}; known: {LLAMA_LINEARS}")

@@ -22,6 +22,9 @@ def cfg(**prune):
     ({"method": "sparsegpt", "reconstruct": "obs", "pbs": "off"}, "second time"),
     ({"method": "foresight", "reconstruct": "obs", "pbs": "diagonal"}, "second time"),
     ({"adapter_reset": True, "pbs": "diagonal", "pbs_order": "adapter"}, "adapter_reset"),
+    ({"allocation": "owl", "owl_lambda": -0.1}, "prune.owl_lambda"),
+    ({"allocation": "owl", "owl_lambda": 1.0}, "prune.owl_lambda"),
+    ({"allocation": "owl", "owl_m": 0}, "prune.owl_m"),
 ])
 def test_refused(prune, match):
     with pytest.raises(ConfigError, match=match):
@@ -33,6 +36,8 @@ def test_refused(prune, match):
     {"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "off"},
     {"method": "foresight", "reconstruct": "obs", "pbs": "off", "adapter_reset": True},
     {"pbs": "full", "pbs_order": "base", "adapter_reset": True, "mask_final": "fraction:0.25"},
+    {"allocation": "owl", "owl_lambda": 0.0},
+    {"allocation": "owl", "owl_lambda": 0.04, "owl_m": 7},
 ])
 def test_accepted(prune):
     cfg(**prune)
