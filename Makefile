@@ -10,7 +10,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-e2e bench clean
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python launchers/run.py --config $(CONFIG) $(ARGS)
 
+# the default tier: everything but the real-model end-to-end runs (marker e2e); `make test-e2e` runs those
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q --tier e2e $(ARGS)
 
 # the method table (issue 10's numbers): every cell cached and resumable, then bench/results/method_table.md
 bench: $(STAMP)

@@ -30,3 +30,41 @@ def calib_ids():
 @pytest.fixture
 def medquad_path() -> Path:
     return SHARED_DATA / "health" / "medquad_train.jsonl"
+
+
+# --- test tiers ------------------------------------------------------------------------------------
+# `make test` runs the default tier: everything but the real-model end-to-end runs (marker `e2e`,
+# minutes each); `make test-e2e` runs those; CI (.ci/run) runs both. A run that names test files or
+# node ids itself runs exactly what it names, whatever their tier.
+TIERS = ("default", "e2e", "all")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=TIERS, default="default",
+                     help="default: all but the real-model end-to-end runs (marker e2e); e2e: only those; all: both")
+
+
+def _named_explicitly(config) -> bool:
+    return config.args_source == pytest.Config.ArgsSource.ARGS
+
+
+def pytest_collection_modifyitems(config, items):
+    tier = config.getoption("--tier")
+    if tier == "all" or (tier == "default" and _named_explicitly(config)):
+        return
+    keep, drop = [], []
+    for item in items:
+        in_e2e = item.get_closest_marker("e2e") is not None
+        (keep if in_e2e == (tier == "e2e") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+        config._xpert_tier_dropped = len(drop)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    dropped = getattr(config, "_xpert_tier_dropped", 0)
+    if dropped and config.getoption("--tier") == "default":
+        terminalreporter.write_line(
+            f"tier default: {dropped} real-model end-to-end test(s) (marker e2e) not run here; "
+            "`make test-e2e` runs them, and CI runs both tiers")

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@pytest.mark.e2e
 def test_sbatch_zero3_smollm2(slurm_cluster, tmp_path):
     out = tmp_path / "smollm2_zero3"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",

@@ -193,6 +193,7 @@ def test_zero3_two_ranks_exported_model_is_the_trained_model(tmp_path, grad_dtyp
     assert res["world_size"] == 2 and res["prune_reports"][-1]["mask_sha256"] == res["prune_reports"][-2]["mask_sha256"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_smollm2_masked_export_is_the_trained_model(tmp_path):
     """The real packaged model (SmolLM2-135M GGUF), a short run: ForeSight in the loop with OBS

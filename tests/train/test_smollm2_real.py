@@ -45,6 +45,7 @@ def _ppl_plain(model, windows) -> float:
     return math.exp(nll / n)
 
 
+@pytest.mark.e2e
 def test_real_run_export_reloads_and_reproduces_perplexity(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

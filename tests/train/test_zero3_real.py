@@ -207,6 +207,7 @@ def test_zero3_gradual_owl_matches_single_process(random_llama, tmp_path):
     assert frac <= MASK_FRACTION_NOISE, f"{frac:.2e} of mask entries differ from the single process"
 
 
+@pytest.mark.e2e
 def test_zero3_smollm2_end_to_end(tmp_path):
     """SmolLM2 (GGUF) through launchers/run.py with the shipped pruning, ramp included: single process (reference),
     deepspeed launcher on one process with ZeRO-3, torchrun on two; all export, reload and agree, and the
