@@ -161,7 +161,9 @@ def goals(table: dict) -> list[str]:
                              else "no baseline above its 95% interval"))
         timed = "xpert_default" if default is not None else best  # the time and memory of what ships
         row = dict(table[f"{domain}-{timed}-s{pct}"])
-        side_by_side = _timing_pair(domain, pct)
+        # the side-by-side run of what ships: timed as ``xpert_default`` or as the cell it is a twin of
+        shipped_as = ["xpert_default"] + ([default["twin_of"].split("-")[1]] if default and default.get("twin_of") else [])
+        side_by_side = _timing_pair(domain, pct, shipped_as)
         if side_by_side:  # the quiet, alternating measurement replaces the cells' drifting timings
             timed = side_by_side["method"]
             row.update(time_vs_lora=side_by_side["time_vs_lora"], cpu_time_vs_lora=side_by_side["cpu_vs_lora"],
@@ -191,8 +193,9 @@ def validation_choice(table: dict) -> list[str]:
     return lines
 
 
-def _timing_pair(domain: str, pct: str) -> dict | None:
-    """The side-by-side measurement of bench/method_table/timing.py for this domain and sparsity, if any."""
+def _timing_pair(domain: str, pct: str, methods: list[str]) -> dict | None:
+    """The side-by-side measurement of bench/method_table/timing.py for this domain and sparsity of the first of
+    ``methods`` it timed (``--method`` may name several, comma-separated), if any."""
     path = OUT / "timing.json"
     if not path.is_file():
         return None
@@ -202,8 +205,12 @@ def _timing_pair(domain: str, pct: str) -> dict | None:
     args = data["args"]
     if args["domain"] != domain or int(round(args["sparsity"] * 100)) != int(pct):
         return None
-    row = data["summary"].get(args["method"])
-    return {**row, "method": args["method"]} if row and "time_vs_lora" in row else None
+    timed = args["method"].split(",")
+    for method in methods:
+        row = data["summary"].get(method)
+        if method in timed and row and "time_vs_lora" in row:
+            return {**row, "method": method}
+    return None
 
 
 def mask_movement(table: dict) -> list[str]:

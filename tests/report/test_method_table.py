@@ -67,6 +67,30 @@ def test_goals_without_baselines_say_so(tmp_path, monkeypatch):
     assert "`xpert_default` 80.0% (no baseline measured yet)" in line and "points vs" not in line
 
 
+def test_goals_take_the_side_by_side_timing_of_what_ships(tmp_path, monkeypatch):
+    """timing.py may time several methods in one sitting; the goals line reports the one the default is a twin of
+    (its cells' own timings run at other moments), and falls back to those when the shipped config was not timed."""
+    import json
+
+    monkeypatch.setattr(report, "OUT", tmp_path)
+    rows = {"health-dense_lora": cell(10.0, 8.0, 0.60), "health-xpert_gradual-s40": cell(12.5, 10.0, 0.57)}
+    table = report.summarise(rows)
+    table["health-xpert_default-s40"] = {**table["health-xpert_gradual-s40"], "twin_of": "health-xpert_gradual-s40"}
+    timing = {"args": {"domain": "health", "sparsity": 0.4, "method": "xpert_other,xpert_gradual"},
+              "budget": report.BUDGET,
+              "summary": {"dense_lora": {"time_vs_lora": 1.0, "cpu_vs_lora": 1.0, "peak_rss_vs_lora": 1.0},
+                          "xpert_other": {"time_vs_lora": 1.5, "cpu_vs_lora": 1.5, "peak_rss_vs_lora": 1.1},
+                          "xpert_gradual": {"time_vs_lora": 1.37, "cpu_vs_lora": 1.36, "peak_rss_vs_lora": 1.009}}}
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    (line,) = report.goals(table)
+    assert "`xpert_gradual` time 1.37x LoRA wall, 1.36x CPU" in line and "1.009x LoRA" in line
+    assert line.endswith("[time and memory: side by side, bench/results/timing.md]")
+    timing["args"]["method"] = "xpert_other"  # what ships was not timed side by side
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    (line,) = report.goals(table)
+    assert "`xpert_default` time 1.00x LoRA wall" in line and line.endswith("run at different moments]")
+
+
 def test_recorded_rows_carried_over_only_while_they_still_mean_the_same():
     shipped_cfg = {"prune": {"sparsity": 0.5, "lr_rewind": True}}
     recorded = {
