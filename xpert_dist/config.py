@@ -84,6 +84,9 @@ class DataConfig:
     calibration: str | None = None  # None: draw from the training set
     calib_samples: int = 128
     calib_seq_len: int | None = None  # None: data.seq_len
+    # disjoint draws of calib_samples windows (one seeded draw, cut in order): in-loop prune step k calibrates on
+    # draw k mod calib_sets, so a gradual schedule sees new windows at each step (1: the same windows every step)
+    calib_sets: int = 1
     seed: int = 0
 
 
@@ -146,6 +149,11 @@ class PruneConfig:
     # one entry alone) or obs (1/[(XᵀX + λI)⁻¹]_ii: the error left once the row's other weights re-fit, Optimal
     # Brain Surgeon; needs the full XᵀX; maths/scores.obs_column_factor)
     saliency: str = "diag"
+    # the XᵀX a compensating prune step solves with (prune.reconstruct=obs, pbs full/shared, sparsegpt):
+    # H_k = XᵀX_k + hessian_carry·H_(k-1), the running, decayed sum over this run's earlier prune steps (0: this
+    # step's windows only); with data.calib_sets > 1 the later steps then see every draw's windows at no extra
+    # calibration forward (maths/reconstruct.carry_hessian). Kept per owning rank where prune.offload says.
+    hessian_carry: float = 0.0
 
 
 @dataclass

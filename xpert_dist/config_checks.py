@@ -88,6 +88,12 @@ def validate(cfg: RunConfig) -> None:
     _boolean("prune.adapter_reset", p.adapter_reset)
     _choice("prune.propagate", p.propagate, PROPAGATE)
     _choice("prune.saliency", p.saliency, ("diag", "obs"))
+    _positive("prune.hessian_carry", p.hessian_carry, allow_zero=True)
+    if not p.hessian_carry <= 1.0:
+        raise ConfigError(f"prune.hessian_carry={p.hessian_carry} must be in [0, 1]")
+    if p.hessian_carry > 0 and not (p.reconstruct == "obs" or p.method == "sparsegpt" or p.pbs in ("full", "shared")):
+        raise ConfigError(f"prune.hessian_carry={p.hessian_carry} carries the XᵀX of a compensating update; "
+                          f"prune.reconstruct={p.reconstruct}, prune.method={p.method}, prune.pbs={p.pbs} use none")
     if p.saliency != "diag" and p.method != "foresight":
         raise ConfigError(f"prune.saliency={p.saliency} rescales ForeSight's score; prune.method={p.method} "
                           "has another score (sparsegpt selects with its own OBS saliency): use prune.method=foresight")
@@ -130,8 +136,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     _choice("model.quantization", m.quantization, (None, "4bit", "8bit"))
     _choice("data.format", d.format, ("auto", "text", "prompt_completion"))
-    for name in ("seq_len", "calib_samples"):
+    for name in ("seq_len", "calib_samples", "calib_sets"):
         _positive(f"data.{name}", getattr(d, name))
+    if not isinstance(d.calib_sets, int):
+        raise ConfigError(f"data.calib_sets={d.calib_sets!r} must be a whole number of draws")
     if d.calib_seq_len is not None:
         _positive("data.calib_seq_len", d.calib_seq_len)
     for name in ("epochs", "batch_size"):

@@ -25,6 +25,10 @@ def cfg(**prune):
     ({"allocation": "owl", "owl_lambda": -0.1}, "prune.owl_lambda"),
     ({"allocation": "owl", "owl_lambda": 1.0}, "prune.owl_lambda"),
     ({"allocation": "owl", "owl_m": 0}, "prune.owl_m"),
+    ({"reconstruct": "obs", "pbs": "off", "hessian_carry": 1.5}, "prune.hessian_carry"),
+    ({"reconstruct": "obs", "pbs": "off", "hessian_carry": -0.1}, "prune.hessian_carry"),
+    ({"reconstruct": "obs", "pbs": "off", "hessian_carry": "all"}, "prune.hessian_carry"),
+    ({"method": "foresight", "pbs": "diagonal", "hessian_carry": 1.0}, "prune.hessian_carry"),
 ])
 def test_refused(prune, match):
     with pytest.raises(ConfigError, match=match):
@@ -38,6 +42,9 @@ def test_refused(prune, match):
     {"pbs": "full", "pbs_order": "base", "adapter_reset": True, "mask_final": "fraction:0.25"},
     {"allocation": "owl", "owl_lambda": 0.0},
     {"allocation": "owl", "owl_lambda": 0.04, "owl_m": 7},
+    {"reconstruct": "obs", "pbs": "off", "hessian_carry": 1.0},
+    {"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "off", "hessian_carry": 0.5},
+    {"method": "foresight", "pbs": "full", "hessian_carry": 0.5},
 ])
 def test_accepted(prune):
     cfg(**prune)
@@ -46,3 +53,9 @@ def test_accepted(prune):
 def test_mask_final_fraction():
     assert mask_final_fraction("end") is None and mask_final_fraction("last_inloop") is None
     assert mask_final_fraction("fraction:0.3") == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("sets", [0, -1, 2.5, "four"])
+def test_calib_sets_refused(sets):
+    with pytest.raises(ConfigError, match="data.calib_sets"):
+        config_from_dict({"data": {"calib_sets": sets}})

@@ -82,3 +82,14 @@ def test_bad_mask_shape():
     W, X, H = _problem(2)
     with pytest.raises(StatisticsError, match="keep"):
         obs_reconstruct(W, H, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_carry_hessian_hand_computed():
+    from xpert_dist.maths.reconstruct import carry_hessian
+
+    H = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    prev = torch.tensor([[4.0, 0.0], [0.0, 8.0]])
+    torch.testing.assert_close(carry_hessian(H, prev, 0.5), torch.tensor([[4.0, 1.0], [1.0, 7.0]]))
+    assert carry_hessian(H, None, 0.5) is H and carry_hessian(H, prev, 0.0) is H
+    with pytest.raises(StatisticsError, match="shape"):
+        carry_hessian(H, torch.zeros(3, 3), 1.0)

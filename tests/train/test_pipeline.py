@@ -91,6 +91,39 @@ def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
     assert res["loss_history"] == ref["loss_history"]
 
 
+def test_resumed_run_keeps_the_draw_and_the_carried_xtx(tmp_path, monkeypatch):
+    """Stopped after step 3 (one prune step done, at step 2) and resumed, a run with data.calib_sets and
+    prune.hessian_carry ends with the weights of an uninterrupted one: the resumed prune steps take the
+    next draws and the carried XᵀX comes back from the checkpoint."""
+    from safetensors.torch import load_file
+    from xpert_dist.launch import signals
+
+    sections = dict(data={"calib_sets": 3}, prune={"prune_every": 2, "reconstruct": "obs", "pbs": "off",
+                                                     "hessian_carry": 1.0})
+    pipeline.run(tiny_cfg(tmp_path / "ref", **sections), progress=False)
+    pipeline.run(tiny_cfg(tmp_path / "plain", data={"calib_sets": 3},
+                          prune={"prune_every": 2, "reconstruct": "obs", "pbs": "off"}), progress=False)
+    pipeline.run(tiny_cfg(tmp_path / "one_draw", prune=sections["prune"]), progress=False)
+    cfg = tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 1}, **sections)
+    calls = {"n": 0}
+    real = signals.stop_requested
+
+    def stop_after_three(sync=True):
+        calls["n"] += 1
+        return calls["n"] >= 3 or real(sync=False)
+    monkeypatch.setattr(signals, "stop_requested", stop_after_three)
+    with pytest.raises(signals.Preempted):
+        pipeline.run(cfg, progress=False)
+    monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
+    signals.reset()
+    pipeline.run(cfg, progress=False)
+    w = {r: load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("ref", "cut", "plain", "one_draw")}
+    for k in w["ref"]:
+        torch.testing.assert_close(w["cut"][k], w["ref"][k], rtol=0, atol=0)
+    for other in ("plain", "one_draw"):  # the carry, and the later steps' own draws, changed the run
+        assert any(not torch.equal(w[other][k], w["ref"][k]) for k in w["ref"]), other
+
+
 @pytest.mark.parametrize("sections, match", [
     ({"data": {"train": "/nonexistent/train.jsonl"}}, "does not exist"),
     ({"data": {"seq_len": 100000}}, "seq_len"),

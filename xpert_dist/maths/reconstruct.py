@@ -36,7 +36,7 @@ from xpert_dist.errors import ConfigError, StatisticsError
 from xpert_dist.maths.scores import check_finite
 from xpert_dist.maths.sparsegpt import damped_factor
 
-__all__ = ["obs_factor", "obs_reconstruct"]
+__all__ = ["carry_hessian", "obs_factor", "obs_reconstruct"]
 
 _BATCH_ELEMENTS = 1 << 22  # entries of the batched triangular matrices of one row chunk (32 MiB in float64)
 
@@ -53,6 +53,19 @@ def obs_factor(H: Tensor, *, percdamp: float = 0.01, dtype: torch.dtype = torch.
     check_finite("H", H)
     _check_dtype(dtype)
     return damped_factor(H, percdamp, dtype, max_retries)[0]
+
+
+def carry_hessian(H: Tensor, previous: Tensor | None, carry: float) -> Tensor:
+    """``H + carry·previous`` (``H`` when there is no previous step or ``carry`` is 0): this prune step's
+    ``XᵀX`` plus the decayed running sum of the earlier steps' (``prune.hessian_carry``). The OBS update
+    depends on ``H`` only up to scale (damping is relative to its mean diagonal), so with ``carry=1`` and
+    equal token counts this is the ``XᵀX`` of every step's windows together."""
+    if previous is None or carry == 0:
+        return H
+    if tuple(previous.shape) != tuple(H.shape):
+        raise StatisticsError(f"carried XᵀX has shape {tuple(previous.shape)}, this step's {tuple(H.shape)}")
+    check_finite("carried H", previous)
+    return H + carry * previous.to(device=H.device, dtype=H.dtype)
 
 
 def _block_errors(W1: Tensor, pruned: Tensor, U1: Tensor) -> Tensor:

@@ -8,7 +8,9 @@ through a DistContext, so the same code runs in one process and under ZeRO-3 wit
 
 The smoothed scores are one number per weight of every module a rank owns: as large as those weights
 in float32. They live where ``prune.offload`` says (``none``: beside the weights, e.g. on the GPU;
-``cpu``: host memory; ``disk``: files under ``work_dir``), in ``prune.ema_dtype``.
+``cpu``: host memory; ``disk``: files under ``work_dir``), in ``prune.ema_dtype``. With
+``prune.hessian_carry`` > 0 the carried ``XᵀX`` of every input group a rank compensates (one [in, in]
+float32 matrix per group: q/k/v, o, gate/up, down) waits beside them, in the same kind of store.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..distributed.context import DistContext
 from ..errors import ConfigError, XpertError
-from ..maths import masks as mask_ops, scores as score_ops
+from ..maths import masks as mask_ops, reconstruct as reconstruct_ops, scores as score_ops
 from ..models import lora, structure as st
 from ..stats.capture import InputStats
 from ..stats.sequential import full_forward_stats, sequential_calibration
@@ -86,35 +88,45 @@ class Pruner:
         self.batch_size = batch_size
         self.progress = progress
         kind = EMA_STORES[cfg.offload]
-        ema_dir = None
+        ema_dir = hessian_dir = None
         if kind == "disk":
             base = cfg.offload_dir or work_dir
             if base is None:
                 raise ConfigError("prune.offload=disk needs prune.offload_dir (or a run output directory)")
             ema_dir = f"{base}/ema-rank{self.ctx.rank}"
+            hessian_dir = f"{base}/hessian-rank{self.ctx.rank}"
         self.ema = StatsStore(kind, ema_dir)  # smoothed scores between prune steps
+        self.hessians = StatsStore(kind, hessian_dir)  # prune.hessian_carry: the carried XᵀX per input group
         self.masks = MaskStore()  # latest kept masks, bit-packed on the host
         self.reports: list[StepReport] = []
 
     def drop_smoothed_scores(self) -> None:
-        """Forget the EMA scores (after the final prune step they serve nothing), with their offload files."""
-        self.ema.clear()
-        if self.ema.directory is not None:
-            try:
-                self.ema.directory.rmdir()  # only if empty: never removes anything else
-            except OSError:
-                pass
+        """Forget the EMA scores and carried XᵀX (after the final prune step they serve nothing), with
+        their offload files."""
+        for store in (self.ema, self.hessians):
+            store.clear()
+            if store.directory is not None:
+                try:
+                    store.directory.rmdir()  # only if empty: never removes anything else
+                except OSError:
+                    pass
 
     # ------------------------------------------------------------------ state (checkpointing)
     def state_dict(self) -> dict:
         ema = {k: self.ema.get_tensor(k, "cpu").clone() for k in self.ema.keys()}
-        return {"ema": ema, "masks": dict(self.masks), "n_steps": len(self.reports),
-                "reports": [r.__dict__ for r in self.reports]}
+        state = {"ema": ema, "masks": dict(self.masks), "n_steps": len(self.reports),
+                 "reports": [r.__dict__ for r in self.reports]}
+        if len(self.hessians):
+            state["hessians"] = {k: self.hessians.get_tensor(k, "cpu").clone() for k in self.hessians.keys()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.clear()
         for k, v in state.get("ema", {}).items():
             self.ema.put_tensor(k, v)
+        self.hessians.clear()
+        for k, v in state.get("hessians", {}).items():
+            self.hessians.put_tensor(k, v)
         self.masks = MaskStore(state.get("masks", {}))
         self.reports = [StepReport(**r) for r in state.get("reports", [])]
 
@@ -282,6 +294,7 @@ class Pruner:
                 scores = self._block_scores(inputs, stats, geo, block, layers, i)
 
             factors: dict[str, torch.Tensor | None] = {}  # prune.reconstruct=obs: one factor per input group
+            carried: dict[str, InputStats] = {}  # prune.hessian_carry: one carried XᵀX per input group
 
             def compute(name: str) -> dict[str, torch.Tensor]:
                 fname = full_name[name]
@@ -295,6 +308,10 @@ class Pruner:
                 fixed = fixed_masks[fname] if fixed_masks is not None else None
                 group = st.INPUT_GROUPS[name]
                 gstats = stats.get(group) if stats else None
+                if cfg.hessian_carry > 0 and fixed is None and gstats is not None and gstats.mode == "full":
+                    if group not in carried:  # on this module's owner, which holds the full XᵀX
+                        carried[group] = self._carry(f"{prefix}.{group}", gstats)
+                    gstats = carried[group]
                 if cfg.reconstruct == "obs" and use_pbs and gstats is not None and group not in factors:
                     factors[group] = reconstruct_factor(cfg, gstats)
                 res = prune_module(cfg, name, inputs[name], score, gstats, sparsity, use_pbs, fixed_keep=fixed,
@@ -323,6 +340,14 @@ class Pruner:
                 self.masks[full_name[n]] = keep.cpu()
         for B, value in trainable_writes:
             ctx.write_trainable(B, value)
+
+    def _carry(self, key: str, stats: InputStats) -> InputStats:
+        """This step's XᵀX of one input group plus the carried sum of the earlier steps' (stored for the next)."""
+        H = stats.hessian.float()
+        prev = self.hessians.get_tensor(key, H.device) if key in self.hessians else None
+        H = reconstruct_ops.carry_hessian(H, prev, self.cfg.hessian_carry)
+        self.hessians.put_tensor(key, H)
+        return InputStats(H, stats.n, "full")
 
     def _block_scores(self, inputs, stats, geo, block, layers, i) -> dict[str, torch.Tensor]:
         cfg = self.cfg

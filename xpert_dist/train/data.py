@@ -33,11 +33,18 @@ class TrainData:
     input_ids: torch.Tensor  # [N, L]
     labels: torch.Tensor  # [N, L], -100 where no loss
     attention_mask: torch.Tensor  # [N, L]
-    calib_ids: torch.Tensor  # [n, Lc]
+    calib_ids: torch.Tensor  # [n · sets, Lc]: data.calib_sets draws of n windows, in order
     sha256: str  # of the token tensors: a data fingerprint for the manifest
+    calib_sets: int = 1
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def calibration(self, k: int) -> torch.Tensor:
+        """The windows prune step ``k`` (0-based) calibrates on: draw ``k mod calib_sets``."""
+        n = self.calib_ids.shape[0] // self.calib_sets
+        j = k % self.calib_sets
+        return self.calib_ids[j * n:(j + 1) * n]
 
 
 def _fingerprint(*tensors: torch.Tensor) -> str:
@@ -66,10 +73,12 @@ def build_train_data(cfg: RunConfig, tokenizer, model_max: int | None) -> TrainD
         calib_texts = texts
     if d.calibration is not None:
         calib_texts = sources.texts_of(sources.load_records(d.calibration), d)
-    calib = tokenize.calibration_batch(calib_texts, tokenizer, d.calib_samples, calib_len, d.seed)
-    log.info("training data %s (%s): %d sequences of %d tokens; calibration %d x %d", d.train, fmt,
-             input_ids.shape[0], d.seq_len, calib.shape[0], calib_len)
-    return TrainData(input_ids, labels, attention, calib, _fingerprint(input_ids, labels, calib))
+    # one seeded draw of every set's windows: the first set is the windows calib_sets=1 draws
+    calib = tokenize.calibration_batch(calib_texts, tokenizer, d.calib_samples * d.calib_sets, calib_len, d.seed)
+    log.info("training data %s (%s): %d sequences of %d tokens; calibration %d x %d%s", d.train, fmt,
+             input_ids.shape[0], d.seq_len, d.calib_samples, calib_len,
+             f" in each of {d.calib_sets} draws" if d.calib_sets > 1 else "")
+    return TrainData(input_ids, labels, attention, calib, _fingerprint(input_ids, labels, calib), d.calib_sets)
 
 
 @dataclass(frozen=True)

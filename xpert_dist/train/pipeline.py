@@ -123,7 +123,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     if plan.before_training:  # Wanda-then-LoRA: prune the base model once, keep that mask
         distiller = distill.attach(model, cfg.prune)
         c0 = time.process_time()
-        before_s = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, use_pbs=False).seconds
+        before_s = pruner.step(model, data.calibration(0), cfg.prune.sparsity, final=True, use_pbs=False).seconds
         before_cpu = time.process_time() - c0
     restarts = plan.steps if cfg.prune.lr_rewind else ()  # the schedule starts again after each in-loop prune
     engine = Engine(model, cfg, total, world, lr_restarts=restarts)
@@ -145,7 +145,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
             ctx.phase(f"prune step before optimizer step {step + 1}")
             c0 = time.process_time()
             distiller = distiller or distill.attach(model, cfg.prune)
-            prune_seconds += pruner.step(model, data.calib_ids, prune_at[step],
+            prune_seconds += pruner.step(model, data.calibration(plan.steps.index(step)), prune_at[step],
                                          freeze=step == plan.mask_final_at).seconds
             if cfg.prune.adapter_reset:  # A re-initialised, B = 0, their optimizer moments zeroed
                 reset_adapters(model, engine, ctx, seed=cfg.train.seed * 1_000_003 + step)
@@ -182,7 +182,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     elif cfg.prune.method != "none":
         fixed = pruner.masks.copy() if plan.before_training else None
         c0 = time.process_time()
-        rep = pruner.step(model, data.calib_ids, cfg.prune.sparsity, final=True, fixed_masks=fixed)
+        rep = pruner.step(model, data.calibration(len(plan.steps)), cfg.prune.sparsity, final=True,
+                          fixed_masks=fixed)
         prune_seconds += rep.seconds
         prune_cpu += time.process_time() - c0
     pruner.drop_smoothed_scores()  # they served the in-loop steps only (frees memory / offload files)
