@@ -252,4 +252,11 @@ def cell_name(domain: str, method: str, sparsity: float) -> str:
     return f"{domain}-{method}" if method in SPARSITY_FREE else f"{domain}-{method}-s{int(round(sparsity * 100))}"
 
 
+def parse_cell_name(name: str) -> tuple[str, str, int | None]:
+    """The inverse of :func:`cell_name`: (domain, method, sparsity in percent or None for a sparsity-free cell)."""
+    domain, rest = name.split("-", 1)
+    method, sep, pct = rest.rpartition("-s")
+    return (domain, method, int(pct)) if sep and pct.isdigit() else (domain, rest, None)
+
+
 MODEL: list[str] = []

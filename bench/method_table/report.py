@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cells import BASELINES, BUDGET, EFFICIENTXPERT, METHODS, OUT, VALID, VALID_WINDOWS
+from cells import BASELINES, BUDGET, EFFICIENTXPERT, METHODS, OUT, VALID, VALID_WINDOWS, parse_cell_name
 
 
 def wilson(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def carry_over(recorded: dict, table: dict, shipped: dict) -> dict:
     is what the domain config ships now (``shipped``: cell name -> that config; a row without one is dropped)."""
     out = {}
     for name, row in recorded.items():
-        method = name.split("-")[1]
+        method = parse_cell_name(name)[1]
         if name in table or method not in METHODS:
             continue
         if method == "xpert_default" and (row.get("run_config") is None or row["run_config"] != shipped.get(name)):
@@ -83,12 +83,12 @@ def renamed_defaults(recorded: dict, table: dict, shipped: dict, config_of) -> d
     config), as a cached cell is moved; none where that row exists already or no method matches."""
     out = {}
     for name, row in recorded.items():
-        domain, method, pct = name.split("-")[0], name.split("-")[1], name.rsplit("-s", 1)[-1]
+        domain, method, pct = parse_cell_name(name)
         if method != "xpert_default" or name in table or not row.get("run_config") or \
                 row["run_config"] == shipped.get(name):
             continue
         for other in METHODS:
-            if other == "xpert_default" or config_of(domain, other, int(pct) / 100) != row["run_config"]:
+            if other == "xpert_default" or config_of(domain, other, pct / 100) != row["run_config"]:
                 continue
             target = f"{domain}-{other}-s{pct}"
             if target not in table and target not in recorded and target not in out:
@@ -106,7 +106,7 @@ def default_twins(rows: dict, shipped: dict) -> dict:
     for name, cfg in shipped.items():
         if (name in rows and not rows[name].get("recorded")) or cfg is None:  # a twin here beats a recorded row
             continue
-        domain, pct = name.split("-")[0], name.rsplit("-s", 1)[-1]
+        domain, _, pct = parse_cell_name(name)
         for other, row in sorted(rows.items()):
             if other != name and other.startswith(f"{domain}-") and other.endswith(f"-s{pct}") and row.get("run_config") == cfg:
                 out[name] = {**row, "twin_of": other}
@@ -123,8 +123,7 @@ def _versus(items) -> str:
 def goals(table: dict) -> list[str]:
     """The issue's goals, checked against what was measured (only for cells that exist)."""
     lines = []
-    for key in sorted({n.rsplit("-", 1)[0].split("-")[0] + "|" + n.rsplit("-s", 1)[1]
-                       for n in table if "-s" in n}):
+    for key in sorted({f"{d}|{p}" for d, _, p in map(parse_cell_name, table) if p is not None}):
         domain, pct = key.split("|")
         ret = {m: table[f"{domain}-{m}-s{pct}"]["retention"]["domain_retention"]
                for m in METHODS if f"{domain}-{m}-s{pct}" in table and "retention" in table[f"{domain}-{m}-s{pct}"]}
@@ -162,7 +161,7 @@ def goals(table: dict) -> list[str]:
         timed = "xpert_default" if default is not None else best  # the time and memory of what ships
         row = dict(table[f"{domain}-{timed}-s{pct}"])
         # the side-by-side run of what ships: timed as ``xpert_default`` or as the cell it is a twin of
-        shipped_as = ["xpert_default"] + ([default["twin_of"].split("-")[1]] if default and default.get("twin_of") else [])
+        shipped_as = ["xpert_default"] + ([parse_cell_name(default["twin_of"])[1]] if default and default.get("twin_of") else [])
         side_by_side = _timing_pair(domain, pct, shipped_as)
         if side_by_side:  # the quiet, alternating measurement replaces the cells' drifting timings
             timed = side_by_side["method"]
@@ -181,7 +180,7 @@ def validation_choice(table: dict) -> list[str]:
     """Per domain and sparsity: the EfficientXpert variants ranked by validation perplexity retention,
     with the baselines' beside them (what chooses the shipped defaults)."""
     lines = []
-    for key in sorted({(n.split("-")[0], n.rsplit("-s", 1)[1]) for n in table if "-s" in n}):
+    for key in sorted({(d, p) for d, _, p in map(parse_cell_name, table) if p is not None}):
         domain, pct = key
         val = {m: table[f"{domain}-{m}-s{pct}"].get("valid_retention") for m in METHODS
                if f"{domain}-{m}-s{pct}" in table}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
-                   VALID_WINDOWS, budget_tag, cell_name, model_override)
+                   VALID_WINDOWS, budget_tag, cell_name, model_override, parse_cell_name)
 from report import _train_peak, carry_over, default_twins, markdown, renamed_defaults, summarise  # noqa: E402
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
@@ -156,7 +156,7 @@ def _stale(out: Path, domain: str, overrides: list[str]) -> bool:
     """Whether a finished cell ran another config than its method now gives (e.g. ``xpert_default`` after the
     domain config changed). Only the shipped default can change meaning: every other method pins its options."""
     cfg = json.loads((out / "results.json").read_text()).get("config")
-    return bool(cfg) and out.name.split("-")[1] == "xpert_default" and \
+    return bool(cfg) and parse_cell_name(out.name)[1] == "xpert_default" and \
         _comparable(cfg) != _comparable(_resolved(domain, overrides))
 
 
@@ -341,9 +341,8 @@ def main() -> int:
         out = res_file.parent
         if out.name in cells or out.name.endswith(".stale"):
             continue
-        domain, method = out.name.split("-")[:2]
+        domain, method, pct = parse_cell_name(out.name)
         if method == "xpert_default":  # the shipped default: only if it still is what the domain config ships
-            pct = int(out.name.rsplit("-s", 1)[1])
             if _stale(out, domain, cell_overrides(domain, method, pct / 100, args.extra)):
                 print(f"[method_table] {out.name}: not the current shipped default (run it again: "
                       f"--domains {domain} --sparsities {pct / 100} --only xpert_default)", flush=True)
@@ -368,9 +367,9 @@ def main() -> int:
             row["run_config"] = _filled(row["run_config"])
     # what the domain configs ship, per xpert_default cell (of this sitting's grid and of the recorded rows)
     grid = {cell_name(d, "xpert_default", float(x)) for d in DOMAINS for x in args.sparsities.split(",")}
-    shipped = {name: _comparable(_resolved(name.split("-")[0], cell_overrides(
-        name.split("-")[0], "xpert_default", int(name.rsplit("-s", 1)[1]) / 100, args.extra)))
-        for name in grid | {n for n in recorded if n.split("-")[1] == "xpert_default"}}
+    shipped = {name: _comparable(_resolved(parse_cell_name(name)[0], cell_overrides(
+        parse_cell_name(name)[0], "xpert_default", parse_cell_name(name)[2] / 100, args.extra)))
+        for name in grid | {n for n in recorded if parse_cell_name(n)[1] == "xpert_default"}}
     kept = carry_over(recorded, table, shipped)
     kept.update(renamed_defaults(recorded, table, shipped, lambda d, m, sp: _comparable(_resolved(
         d, cell_overrides(d, m, sp, args.extra)))))

@@ -168,3 +168,13 @@ def test_a_schedule_given_as_a_count_is_the_same_run_as_its_cadence():
     assert cfg("prune.prune_every=50", "prune.prune_steps=4") == gradual
     assert cfg("prune.prune_every=50", "prune.prune_steps=3") != gradual
     assert run._filled(gradual) == gradual  # a recorded row's config keeps its spelling
+
+
+def test_parse_cell_name_inverts_cell_name():
+    from cells import METHODS, SPARSITY_FREE, cell_name, parse_cell_name
+
+    for method in METHODS:
+        for domain in ("health", "legal"):
+            for sparsity in (0.4, 0.5):
+                want = (domain, method, None if method in SPARSITY_FREE else round(sparsity * 100))
+                assert parse_cell_name(cell_name(domain, method, sparsity)) == want
