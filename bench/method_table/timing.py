@@ -66,6 +66,26 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             row["time_vs_lora"] = row["time_s"] / base["time_s"]
             row["cpu_vs_lora"] = row["cpu_s"] / base["cpu_s"]
             row["peak_rss_vs_lora"] = row["peak_rss_train_prune_mb"] / base["peak_rss_train_prune_mb"]
+        if method != "dense_lora" and runs.get("dense_lora"):
+            last_prune = (runs[method][0].get("prune_steps") or [0])[-1]
+            row["phases"] = phases(runs[method], runs["dense_lora"], last_prune)
+    return out
+
+
+def phases(rs: list[dict], lora: list[dict], boundary: int) -> dict | None:
+    """Training wall seconds (medians over repeats) of the optimizer steps up to the method's last in-loop prune
+    step (``boundary``: the adapter trains dense) and after it (masked, where the mask becomes final there), for
+    the method and for plain LoRA over the same steps; None where a run recorded no per-step times."""
+    def span(r: dict, lo: int, hi: int) -> float:
+        return sum(sec for k, sec in r["step_seconds"] if lo <= k <= hi)
+
+    if not boundary or not all(r.get("step_seconds") for r in rs + lora):
+        return None
+    steps = len(rs[0]["step_seconds"])
+    out = {}
+    for label, lo, hi in (("before", 1, boundary), ("after", boundary + 1, steps)):
+        m, b = (statistics.median(span(r, lo, hi) for r in x) for x in (rs, lora))
+        out[label] = {"steps": [lo, hi], "method_s": m, "lora_s": b, "vs_lora": m / b if b else None}
     return out
 
 
@@ -81,6 +101,16 @@ def markdown(s: dict, args) -> str:
                      f"{r.get('time_vs_lora', float('nan')):.3f}× | {r.get('cpu_vs_lora', float('nan')):.3f}× | "
                      f"{r['peak_rss_train_prune_mb']:.0f} | {r.get('peak_rss_vs_lora', float('nan')):.3f}× | "
                      f"{', '.join(f for f in r['finished'] if f)} |")
+    split = [(m, r["phases"]) for m, r in s.items() if r.get("phases")]
+    if split:
+        lines += ["", "Training time by phase (prune steps excluded): the optimizer steps up to the method's last in-loop "
+                  "prune step (dense adapter on the pruned base) and after it (the masked adapter, where the mask "
+                  "became final there), against plain LoRA over the same steps.", "",
+                  "| run | steps | run s | LoRA s | / LoRA | steps | run s | LoRA s | / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+        for m, ph in split:
+            cells = [f"{p['steps'][0]}-{p['steps'][1]} | {p['method_s']:.1f} | {p['lora_s']:.1f} | {p['vs_lora']:.3f}×"
+                     for p in (ph["before"], ph["after"])]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -178,3 +178,15 @@ def test_parse_cell_name_inverts_cell_name():
             for sparsity in (0.4, 0.5):
                 want = (domain, method, None if method in SPARSITY_FREE else round(sparsity * 100))
                 assert parse_cell_name(cell_name(domain, method, sparsity)) == want
+
+
+def test_timing_phases_split_training_at_the_last_prune_step():
+    """Hand-computed: steps 1-2 before the last in-loop prune step, 3-4 after it."""
+    import timing
+
+    rs = [{"step_seconds": [[1, 1.0], [2, 2.0], [3, 3.0], [4, 4.0]], "prune_steps": [2]}]
+    lora = [{"step_seconds": [[1, 1.0], [2, 1.0], [3, 1.0], [4, 1.0]]}]
+    ph = timing.phases(rs, lora, 2)
+    assert ph["before"] == {"steps": [1, 2], "method_s": 3.0, "lora_s": 2.0, "vs_lora": 1.5}
+    assert ph["after"] == {"steps": [3, 4], "method_s": 7.0, "lora_s": 2.0, "vs_lora": 3.5}
+    assert timing.phases(rs, [{"loss_history": []}], 2) is None  # a run from before per-step times: no split

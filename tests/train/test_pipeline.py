@@ -48,6 +48,7 @@ def test_export_reloads_with_exact_sparsity(tmp_path):
     assert (tmp_path / "run" / "report.md").is_file()
     assert "perplexity" in " ".join(res["metrics"])
     assert len(res["loss_history"]) == 6 and res["prune_steps"] == [3]
+    assert [k for k, _ in res["step_seconds"]] == list(range(1, 7)) and all(s > 0 for _, s in res["step_seconds"])
 
 
 def test_ema_offloaded_to_disk_gives_the_same_run_and_cleans_up(tmp_path):

@@ -140,6 +140,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     prune_seconds, prune_cpu = before_s, before_cpu
     tracker = tracking.open_tracker(cfg, rank, logged=len(pruner.reports) if step else 0, prune_seconds=prune_seconds)
     bar = tqdm(total=total, initial=step, desc="train", disable=not (progress and rank == 0))
+    step_seconds: list[list[float]] = []  # [step, wall s] of each optimizer step this process ran (no prune step)
     while step < total:
         if step in prune_at:  # checkpoints are taken after a step, so a resumed run has not done this one
             ctx.phase(f"prune step before optimizer step {step + 1}")
@@ -154,8 +155,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         epoch, in_epoch = divmod(step, spe)
         order = epoch_order(len(data), epoch, cfg.train.seed)
         batch = micro_batches(data, order, in_epoch, cfg, rank, world)
+        t_step = time.perf_counter()
         loss = engine.step(batch)
         step += 1
+        step_seconds.append([step, time.perf_counter() - t_step])
         history.append([step, loss])
         tracker.step(step, loss, lr_at(step - 1, cfg, total, restarts), batch, world, pruner.reports, prune_seconds)
         bar.update(1)
@@ -198,6 +201,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
               "train_cpu_s": train_cpu, "prune_cpu_s": prune_cpu, "total_cpu_s": time.process_time() - cpu_start}
     results = export_run(cfg, model, tokenizer, pruner, ctx, history, plan, timing, rank=rank, world=world,
                          marks=marks)
+    # wall seconds per optimizer step this process ran (a resumed run: those after the resume point), so that a
+    # benchmark can split training into its dense-adapter and masked-adapter phases (bench/method_table/timing.py)
+    results["step_seconds"] = step_seconds
     # only the exported checkpoint is evaluated: drop the training copy first (lower evaluation peak)
     del model, engine
     gc.collect()
