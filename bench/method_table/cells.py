@@ -116,6 +116,10 @@ METHODS = {
                    "prune.masked_grad_dtype=bfloat16", "prune.sparsegpt_percdamp=0.1", "prune.group=output", *MASKED],
     "sparsegpt_masked_lora_damp": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off",
                                    "prune.sparsegpt_percdamp=0.1", *MASKED],
+    # the fairness twin of xpert_gradual_carry: SparseGPT -> masked LoRA calibrated on the 128 windows that
+    # the carried XᵀX of the ramp's last step has seen (data.calib_sets=4 x 32), in its single prune step
+    "sparsegpt_masked_lora_c128": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off",
+                                   "data.calib_samples=128", *MASKED],
     # gradual pruning (Zhu & Gupta's cubic ramp, prune.ramp=cubic): prune steps at 25, 50 and 75 reaching 58%,
     # 88% and 98% of the target, the target (mask final) at step 100, then 50 masked steps; the default's two
     # steps both prune to the full target. Health 50%: validation 16.88 (61.9%) against the default's 17.74

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 TOL = 2e-5  # fp32 reductions in a different order (2 one-row forwards summed across ranks vs one batch)
 
 
-def _cfg(out, prune=None, **extra):
+def _cfg(out, prune=None, data=None, **extra):
     from xpert_dist.config import config_from_dict
 
     d = {"name": "eq", "output_dir": str(out), "model": {"tiny": {}},
@@ -26,26 +26,31 @@ def _cfg(out, prune=None, **extra):
          "prune": {"sparsity": 0.5, "schedule": "steps", "prune_every": 2, "pbs": "diagonal"},
          "eval": {"perplexity_windows": 1, "perplexity_seq_len": 32, "tasks": []}}
     d["prune"].update(prune or {})
+    d["data"].update(data or {})
     d.update(extra)
     return config_from_dict(d)
 
 
-def _worker(rank, world, port, out, ds_path, prune):
+def _worker(rank, world, port, out, ds_path, prune, data):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                       XPERT_DIST_TIMEOUT_S="120")
     torch.set_num_threads(1)
     from xpert_dist.launch.runner import run_job
 
-    cfg = _cfg(out, prune, ds_config=ds_path)  # the same config: train.batch_size=2 is the global batch
+    cfg = _cfg(out, prune, data, ds_config=ds_path)  # the same config: train.batch_size=2 is the global batch
     run_job(cfg, progress=False)
 
 
-# the fp32 default, and the calibration forwards under bf16 autocast with pruned_first propagation (the
-# second prune step then reuses the unpruned outputs)
-@pytest.mark.parametrize("prune", [{}, {"calib_dtype": "bfloat16", "propagate": "pruned_first"}],
-                         ids=["fp32", "bf16calib"])
-def test_zero3_two_ranks_match_single_process(tmp_path, prune):
+# the fp32 default, the calibration forwards under bf16 autocast with pruned_first propagation (the
+# second prune step then reuses the unpruned outputs), and OBS reconstruction at three prune steps, each on its
+# own calibration draw, solving with the XᵀX carried from the earlier steps (kept by each module's owner rank)
+@pytest.mark.parametrize("prune, data", [
+    ({}, {}),
+    ({"calib_dtype": "bfloat16", "propagate": "pruned_first"}, {}),
+    ({"pbs": "off", "reconstruct": "obs", "hessian_carry": 1.0, "prune_every": 1}, {"calib_sets": 3}),
+], ids=["fp32", "bf16calib", "obs_carry"])
+def test_zero3_two_ranks_match_single_process(tmp_path, prune, data):
     from safetensors.torch import load_file
 
     from xpert_dist.train import pipeline
@@ -53,9 +58,9 @@ def test_zero3_two_ranks_match_single_process(tmp_path, prune):
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                               "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
-    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path / "z3"), str(ds), prune), nprocs=2, join=True,
-                       start_method="spawn")
-    pipeline.run(_cfg(tmp_path / "single", prune), progress=False)
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path / "z3"), str(ds), prune, data), nprocs=2,
+                       join=True, start_method="spawn")
+    pipeline.run(_cfg(tmp_path / "single", prune, data), progress=False)
 
     m1 = load_masks(tmp_path / "single" / "masks.safetensors")
     m2 = load_masks(tmp_path / "z3" / "masks.safetensors")

@@ -308,7 +308,8 @@ class Pruner:
                 fixed = fixed_masks[fname] if fixed_masks is not None else None
                 group = st.INPUT_GROUPS[name]
                 gstats = stats.get(group) if stats else None
-                if cfg.hessian_carry > 0 and fixed is None and gstats is not None and gstats.mode == "full":
+                solves = use_pbs or cfg.method == "sparsegpt" or cfg.saliency == "obs"  # reads the full XᵀX
+                if cfg.hessian_carry > 0 and solves and fixed is None and gstats is not None and gstats.mode == "full":
                     if group not in carried:  # on this module's owner, which holds the full XᵀX
                         carried[group] = self._carry(f"{prefix}.{group}", gstats)
                     gstats = carried[group]
