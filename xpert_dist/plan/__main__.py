@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--no-ema", action="store_true", help="no ForeSight EMA state between prune steps")
+    ap.add_argument("--hessian-carry", action="store_true",
+                    help="prune.hessian_carry > 0: every block's XᵀX (float32) kept between prune steps where "
+                         "--stats-offload says (none: accelerator, cpu: host, disk: disk)")
     ap.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"],
                     help="cpu: CPU-only ranks, everything in host memory (what bench/planner_validation.py checks)")
     ap.add_argument("--host-baseline-gb", type=float, default=None,
@@ -70,7 +73,7 @@ def spec_from_args(args) -> PlanSpec:
                     stats_offload=args.stats_offload, stats_dtype=args.stats_dtype,
                     solver_dtype=args.solver_dtype, dtype=args.dtype,
                     grad_checkpointing=args.grad_checkpointing, accelerator=args.accelerator,
-                    ema=not args.no_ema, constants=consts)
+                    ema=not args.no_ema, hessian_carry=args.hessian_carry, constants=consts)
 
 
 def main(argv=None) -> int:

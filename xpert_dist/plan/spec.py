@@ -75,6 +75,7 @@ class PlanSpec:
     grad_checkpointing: bool = False
     accelerator: str = "gpu"  # gpu | cpu (everything in host memory: the CPU-only case)
     ema: bool = True  # ForeSight EMA across prune steps (kept on the module owner)
+    hessian_carry: bool = False  # prune.hessian_carry > 0: every block's full XᵀX kept between prune steps (owner)
     prefetch_bucket_params: int = 50_000_000  # stage3_prefetch_bucket_size
     constants: Constants = field(default_factory=Constants)
 
