@@ -62,25 +62,30 @@ def test_ema_offloaded_to_disk_gives_the_same_run_and_cleans_up(tmp_path):
     assert not (tmp_path / "disk" / "offload").exists()
 
 
-def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
-    """A run stopped after step 4 and resumed ends with the masks and weights of an uninterrupted run."""
-    from safetensors.torch import load_file
+def interrupted_then_resumed(cfg, monkeypatch, steps: int) -> dict:
+    """``cfg``'s run stopped (as by SIGTERM) after ``steps`` optimizer steps, then run again to the end."""
     from xpert_dist.launch import signals
 
-    ref = pipeline.run(tiny_cfg(tmp_path / "ref"), progress=False)
-    cfg = tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 2})
     calls = {"n": 0}
     real = signals.stop_requested
 
-    def stop_after_four(sync=True):
+    def stop_after(sync=True):
         calls["n"] += 1
-        return calls["n"] >= 4 or real(sync=False)
-    monkeypatch.setattr(signals, "stop_requested", stop_after_four)
+        return calls["n"] >= steps or real(sync=False)
+    monkeypatch.setattr(signals, "stop_requested", stop_after)
     with pytest.raises(signals.Preempted):
         pipeline.run(cfg, progress=False)
     monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
     signals.reset()
-    res = pipeline.run(cfg, progress=False)
+    return pipeline.run(cfg, progress=False)
+
+
+def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
+    """A run stopped after step 4 and resumed ends with the masks and weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    ref = pipeline.run(tiny_cfg(tmp_path / "ref"), progress=False)
+    res = interrupted_then_resumed(tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 2}), monkeypatch, 4)
     a = load_masks(tmp_path / "ref" / "masks.safetensors")
     b = load_masks(tmp_path / "cut" / "masks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -97,7 +102,6 @@ def test_resumed_run_keeps_the_draw_and_the_carried_xtx(tmp_path, monkeypatch):
     prune.hessian_carry ends with the weights of an uninterrupted one: the resumed prune steps take the
     next draws and the carried XᵀX comes back from the checkpoint."""
     from safetensors.torch import load_file
-    from xpert_dist.launch import signals
 
     sections = dict(data={"calib_sets": 3}, prune={"prune_every": 2, "reconstruct": "obs", "pbs": "off",
                                                      "hessian_carry": 1.0})
@@ -105,19 +109,7 @@ def test_resumed_run_keeps_the_draw_and_the_carried_xtx(tmp_path, monkeypatch):
     pipeline.run(tiny_cfg(tmp_path / "plain", data={"calib_sets": 3},
                           prune={"prune_every": 2, "reconstruct": "obs", "pbs": "off"}), progress=False)
     pipeline.run(tiny_cfg(tmp_path / "one_draw", prune=sections["prune"]), progress=False)
-    cfg = tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 1}, **sections)
-    calls = {"n": 0}
-    real = signals.stop_requested
-
-    def stop_after_three(sync=True):
-        calls["n"] += 1
-        return calls["n"] >= 3 or real(sync=False)
-    monkeypatch.setattr(signals, "stop_requested", stop_after_three)
-    with pytest.raises(signals.Preempted):
-        pipeline.run(cfg, progress=False)
-    monkeypatch.setattr(signals, "stop_requested", lambda sync=True: False)
-    signals.reset()
-    pipeline.run(cfg, progress=False)
+    interrupted_then_resumed(tiny_cfg(tmp_path / "cut", train={"checkpoint_every": 1}, **sections), monkeypatch, 3)
     w = {r: load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("ref", "cut", "plain", "one_draw")}
     for k in w["ref"]:
         torch.testing.assert_close(w["cut"][k], w["ref"][k], rtol=0, atol=0)
