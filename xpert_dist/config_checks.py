@@ -91,9 +91,11 @@ def validate(cfg: RunConfig) -> None:
     _positive("prune.hessian_carry", p.hessian_carry, allow_zero=True)
     if not p.hessian_carry <= 1.0:
         raise ConfigError(f"prune.hessian_carry={p.hessian_carry} must be in [0, 1]")
-    if p.hessian_carry > 0 and not (p.reconstruct == "obs" or p.method == "sparsegpt" or p.pbs in ("full", "shared")):
-        raise ConfigError(f"prune.hessian_carry={p.hessian_carry} carries the XᵀX of a compensating update; "
-                          f"prune.reconstruct={p.reconstruct}, prune.method={p.method}, prune.pbs={p.pbs} use none")
+    if p.hessian_carry > 0 and not (p.reconstruct == "obs" or p.method == "sparsegpt" or p.pbs in ("full", "shared")
+                                    or p.saliency == "obs"):
+        raise ConfigError(f"prune.hessian_carry={p.hessian_carry} carries the full XᵀX a prune step solves with; "
+                          f"prune.reconstruct={p.reconstruct}, prune.method={p.method}, prune.pbs={p.pbs}, "
+                          f"prune.saliency={p.saliency} use none")
     if p.saliency != "diag" and p.method != "foresight":
         raise ConfigError(f"prune.saliency={p.saliency} rescales ForeSight's score; prune.method={p.method} "
                           "has another score (sparsegpt selects with its own OBS saliency): use prune.method=foresight")

@@ -168,9 +168,8 @@ METHODS = {
     # gradual pruning whose four OBS reconstructions see more calibration data at no extra forward: each prune
     # step calibrates on its own 32 windows (data.calib_sets=4: one seeded draw of 128, cut in four; step 1 gets
     # the windows the ramp alone uses) and solves with the sum of its XᵀX and every earlier step's
-    # (prune.hessian_carry=1), so step 4 reconstructs with 128 windows' statistics. One-shot SparseGPT on the base
-    # model at health 40% (validation ppl, scratch run 2026-12-07): 128 windows 18.29 against 32 windows 19.05 / 18.95
-    # (two seeds); the ramp already pays four calibration passes, this makes them four different ones
+    # (prune.hessian_carry=1), so step 4 reconstructs with 128 windows' statistics; the ramp already pays four
+    # calibration passes, this makes them four different ones. Shipped since 2026-12-07 (README, method table)
     "xpert_gradual_carry": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                             "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4", "prune.hessian_carry=1.0",
                             "prune.mask_final=fraction:0.667"],

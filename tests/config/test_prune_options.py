@@ -45,6 +45,7 @@ def test_refused(prune, match):
     {"reconstruct": "obs", "pbs": "off", "hessian_carry": 1.0},
     {"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "off", "hessian_carry": 0.5},
     {"method": "foresight", "pbs": "full", "hessian_carry": 0.5},
+    {"method": "foresight", "pbs": "diagonal", "saliency": "obs", "hessian_carry": 0.5},  # the OBS saliency solves too
 ])
 def test_accepted(prune):
     cfg(**prune)
