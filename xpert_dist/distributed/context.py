@@ -72,8 +72,11 @@ class DistContext:
             param.data.copy_(value.reshape(param.shape).to(param.dtype))
 
     # ------------------------------------------------------------------ statistics and results
-    def reduce_stats(self, stats: dict[str, InputStats], replicate: bool = False) -> dict[str, InputStats]:
-        """Sum the statistics of all ranks (deterministically); single process: unchanged."""
+    def reduce_stats(self, stats: dict[str, InputStats], replicate: bool = False,
+                     rotation: int | None = None) -> dict[str, InputStats]:
+        """Sum the statistics of all ranks (deterministically); single process: unchanged. ``rotation``
+        shifts the owner ranks (a prune step passes the block index, so a block's owners are the same at
+        every step)."""
         return stats
 
     def compute_owned(self, keys: list[str], sizes: dict[str, int],

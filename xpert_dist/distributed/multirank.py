@@ -278,8 +278,15 @@ class TorchDistContext(DistContext):
             safe_set_full_fp32_param(param, value.reshape(param.shape).to(torch.float32))
 
     # ------------------------------------------------------------------ statistics
-    def reduce_stats(self, stats: dict[str, InputStats], replicate: bool = False) -> dict[str, InputStats]:
+    def reduce_stats(self, stats: dict[str, InputStats], replicate: bool = False,
+                     rotation: int | None = None) -> dict[str, InputStats]:
         """Canonical-tree reduction of every statistic to its owner rank (see the module docstring).
+
+        ``rotation``: the owners of ``assign_owners`` shift by this many ranks (a prune step passes the
+        block index: the same block layout comes back every block, and without a shift one rank would
+        own every block's largest statistic). It must name the statistic, not the call: what an owner
+        keeps between prune steps (EMA scores, carried XᵀX) is read by the next step's owner of the same
+        block, so that owner must not move. None: the count of reductions so far (one-off reductions).
 
         The input partials are consumed. Returns, on every rank, one InputStats per key: the full
         statistic on its owner (and everywhere with ``replicate=True`` or in ``diag`` mode), else a
@@ -335,9 +342,8 @@ class TorchDistContext(DistContext):
                 numel *= s
             sizes[k] = numel * torch.empty((), dtype=dtype).element_size()
         owners = assign_owners(sizes, self.world_size)
-        # rotate by the reduction's sequence number: the same block layout comes back every block,
-        # and without rotation one rank would own every block's largest statistic (and its EMA)
-        owners = {k: (r + self._round) % self.world_size for k, r in owners.items()}
+        shift = self._round if rotation is None else int(rotation)
+        owners = {k: (r + shift) % self.world_size for k, r in owners.items()}
         self._round += 1
         self._stat_owners = dict(owners)
 

@@ -235,10 +235,15 @@ def estimate(spec: PlanSpec) -> Plan:
         diag_rest = sum(d * sb for g, d in dims.items()) if needs_full else 0
         add("prune", "solve", accel, "reduced statistics held (worst owner) + diagonals", held + diag_rest,
             "Σ owned groups (assign_owners) + Σ_groups d·stats bytes")
-        if spec.hessian_carry and needs_full:  # the same owner holds a group in every block (same sizes)
+        if spec.hessian_carry and needs_full:  # block i's owners are assign_owners' shifted by i ranks
+            carried = [0.0] * W
+            for i in range(m.layers):
+                for g, v in group_bytes.items():
+                    carried[(owners[g] + i) % W] += v * 4 / sb
             where_c = {"none": accel, "cpu": "host", "disk": "disk"}[spec.stats_offload]
             add("prune", "resident", where_c, "carried XᵀX of every block (prune.hessian_carry, worst owner)",
-                m.layers * held * 4 / sb, "L·Σ owned groups·4B (float32, assign_owners)")
+                max(carried), "max over ranks of Σ_blocks Σ groups owned·4B (float32; block i's owners: "
+                "assign_owners shifted by i)")
         if reduce_held:  # bound: the owner may already hold every group it owns when the largest is reduced
             add("prune", "reduce", accel, "reduced statistics held (worst owner)", held,
                 "Σ owned groups (assign_owners)")

@@ -177,7 +177,7 @@ class Pruner:
 
         def on_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
             if stats is not None:
-                stats = self.ctx.reduce_stats(stats)
+                stats = self.ctx.reduce_stats(stats, rotation=i)  # block i's owners: the same at every step
                 if i == 0 and mode == "full" and self.ctx.rank == 0:
                     warn_few_tokens(stats)
             s_i = per_layer[i] if per_layer is not None else sparsity
