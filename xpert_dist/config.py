@@ -155,6 +155,13 @@ class PruneConfig:
     # calibration forward (maths/reconstruct.carry_hessian). Kept per owning rank where prune.offload says.
     hessian_carry: float = 0.0
 
+    def solves_with_full_xtx(self) -> bool:
+        """Whether a prune step reads the full ``XᵀX`` (SparseGPT, OBS reconstruction or saliency, PBS full or
+        shared) rather than its diagonal: the one definition the statistics mode, the planner-facing checks
+        and ``prune.hessian_carry`` share."""
+        return (self.method == "sparsegpt" or self.pbs in ("full", "shared")
+                or "obs" in (self.reconstruct, self.saliency))
+
 
 @dataclass
 class TrainConfig:

@@ -91,8 +91,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("prune.hessian_carry", p.hessian_carry, allow_zero=True)
     if not p.hessian_carry <= 1.0:
         raise ConfigError(f"prune.hessian_carry={p.hessian_carry} must be in [0, 1]")
-    if p.hessian_carry > 0 and not (p.reconstruct == "obs" or p.method == "sparsegpt" or p.pbs in ("full", "shared")
-                                    or p.saliency == "obs"):
+    if p.hessian_carry > 0 and not p.solves_with_full_xtx():
         raise ConfigError(f"prune.hessian_carry={p.hessian_carry} carries the full XᵀX a prune step solves with; "
                           f"prune.reconstruct={p.reconstruct}, prune.method={p.method}, prune.pbs={p.pbs}, "
                           f"prune.saliency={p.saliency} use none")

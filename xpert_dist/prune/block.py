@@ -17,12 +17,11 @@ from ..stats.capture import InputStats
 from ..models.structure import INPUT_GROUPS
 
 # what statistics each method needs
-NEEDS_FULL = {"sparsegpt"}
 
 
 def stats_mode(cfg: PruneConfig) -> str | None:
     """'full', 'diag' or None (magnitude needs no calibration)."""
-    if cfg.method in NEEDS_FULL or cfg.pbs in ("full", "shared") or "obs" in (cfg.reconstruct, cfg.saliency):
+    if cfg.solves_with_full_xtx():
         return "full"
     if cfg.method in ("wanda", "foresight") or cfg.pbs == "diagonal":
         return "diag"
