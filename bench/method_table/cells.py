@@ -173,6 +173,14 @@ METHODS = {
     "xpert_gradual_carry": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                             "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4", "prune.hessian_carry=1.0",
                             "prune.mask_final=fraction:0.667"],
+    # seed noise of the comparison with the fairness twin: the shipped default and SparseGPT -> masked LoRA on 128
+    # windows with another LoRA initialisation, training order (train.seed) and calibration draw (data.seed)
+    "xpert_gradual_carry_seed1": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                  "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
+                                  "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667", "train.seed=1",
+                                  "data.seed=1"],
+    "sparsegpt_masked_lora_c128_seed1": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off",
+                                         "data.calib_samples=128", *MASKED, "train.seed=1", "data.seed=1"],
     # the control for gradual pruning: the same four prune steps (25, 50, 75, 100) and rewinds, each to the full
     # target (no ramp): separates the ramp from the extra prune steps and rewinds
     "xpert_every25": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
