@@ -271,3 +271,30 @@ def markdown(table: dict) -> str:
         out += "\n## Goals (issue 10) against these measurements\n\n" + "\n".join(g) + "\n"
     return out
 
+
+
+# the shipped default against the baselines the issue names (and the 128-window fairness twin), in the figure
+FIGURE_RUNS = {"xpert_default": "shipped default", "sparsegpt_masked_lora_c128": "SparseGPT → masked LoRA (128 w.)",
+               "sparsegpt_masked_lora": "SparseGPT → masked LoRA", "wanda_masked_lora": "Wanda → masked LoRA",
+               "lora_sparsegpt": "LoRA → SparseGPT", "lora_wanda": "LoRA → Wanda"}
+
+
+def figure_values(table: dict) -> dict[str, dict[str, float]]:
+    """``{run label: {cell label: validation retention in %}}`` for :func:`plot_grouped_bars`; cells a run
+    lacks are left out (a gap in the figure)."""
+    out: dict[str, dict[str, float]] = {}
+    for method, label in FIGURE_RUNS.items():
+        for name, row in sorted(table.items()):
+            domain, m, pct = parse_cell_name(name)
+            if m == method and pct is not None and row.get("valid_retention") is not None:
+                out.setdefault(label, {})[f"{domain} {pct}%"] = 100.0 * row["valid_retention"]
+    order = sorted({c for v in out.values() for c in v})
+    return {k: {c: v[c] for c in order if c in v} for k, v in out.items()}
+
+
+def write_figure(table: dict, path) -> object:
+    """bench/results/method_table.png: validation perplexity retention per cell, one bar per run."""
+    from xpert_dist.report.plots import plot_grouped_bars
+
+    return plot_grouped_bars(figure_values(table), path, "Validation perplexity retention (dense LoRA = 100%)",
+                             "retention, %")

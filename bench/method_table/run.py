@@ -38,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
                    VALID_WINDOWS, budget_tag, cell_name, model_override, parse_cell_name)
-from report import _train_peak, carry_over, default_twins, markdown, renamed_defaults, summarise  # noqa: E402
+from report import (_train_peak, carry_over, default_twins, markdown, renamed_defaults, summarise,  # noqa: E402
+                    write_figure)
 
 # torch threads of every cell (``--threads``; None: torch's default, one per core). Two cells sharing 2 cores with
 # 2 OpenMP threads each took 60-80 s per training step each, against 10 s for one such cell alone (measured
@@ -379,10 +380,13 @@ def main() -> int:
     table.update(kept)
     table.update(default_twins(table, shipped))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "method_table.json").write_text(json.dumps({"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
-                                                       "model": MODEL, "cells": table}, indent=2))
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(OUT / "method_table.json", {"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
+                                                  "model": MODEL, "cells": table})
     md = markdown(table)
-    (OUT / "method_table.md").write_text(md)
+    atomic_write_text(OUT / "method_table.md", md)
+    write_figure(table, OUT / "method_table.png")
     print(md)
     return 0
 

@@ -190,3 +190,14 @@ def test_timing_phases_split_training_at_the_last_prune_step():
     assert ph["before"] == {"steps": [1, 2], "method_s": 3.0, "lora_s": 2.0, "vs_lora": 1.5}
     assert ph["after"] == {"steps": [3, 4], "method_s": 7.0, "lora_s": 2.0, "vs_lora": 3.5}
     assert timing.phases(rs, [{"loss_history": []}], 2) is None  # a run from before per-step times: no split
+
+
+def test_figure_values_and_png(table, tmp_path):
+    """The figure's bars are the validation retentions in percent (dense valid 8.0: 8/10 = 80%, 8/10.5 = 76.19%),
+    one bar per run the figure names, the dense cell not among them; the PNG is written."""
+    vals = report.figure_values(table)
+    assert set(vals) == {"shipped default", "SparseGPT → masked LoRA"}
+    assert vals["shipped default"] == {"health 40%": pytest.approx(80.0)}
+    assert vals["SparseGPT → masked LoRA"] == {"health 40%": pytest.approx(100 * 8.0 / 10.5)}
+    png = report.write_figure(table, tmp_path / "fig.png")
+    assert png is not None and (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
