@@ -173,6 +173,11 @@ METHODS = {
     "xpert_gradual_carry": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                             "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4", "prune.hessian_carry=1.0",
                             "prune.mask_final=fraction:0.667"],
+    # the ramp on the fairness twin's data: every prune step calibrates on the same 128 windows (the twin's count;
+    # the shipped default's four steps see 4 x 32 different ones and carry their XᵀX), at 4x the calibration forwards
+    "xpert_gradual_c128": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
+                           "prune.prune_every=25", "prune.ramp=cubic", "prune.mask_final=fraction:0.667",
+                           "data.calib_samples=128"],
     # seed noise of the comparison with the fairness twin: the shipped default and SparseGPT -> masked LoRA on 128
     # windows with another LoRA initialisation, training order (train.seed) and calibration draw (data.seed)
     "xpert_gradual_carry_seed1": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",

@@ -115,6 +115,10 @@ def default_twins(rows: dict, shipped: dict) -> dict:
     return out
 
 
+# SparseGPT -> masked LoRA calibrated on the 128 windows the shipped default's four prune steps see in all
+FAIRNESS_TWIN = "sparsegpt_masked_lora_c128"
+
+
 def _versus(items) -> str:
     items = list(items)
     return " vs " + ", ".join(items) if items else " (no baseline measured yet)"
@@ -148,6 +152,11 @@ def goals(table: dict) -> list[str]:
                       + ", ".join(f"{'+' if v >= 0 else ''}{100 * v:.1f} points vs {m}"
                                   f" ({'goal >= +2 met' if v >= 0.02 else 'goal >= +2 not met'})"
                                   for m, v in margins.items()))
+        twin = ppl.get(FAIRNESS_TWIN)
+        if ppl.get("xpert_default") is not None and twin is not None:
+            v = ppl["xpert_default"] - twin
+            beats += (f"; vs the fairness twin {FAIRNESS_TWIN} (as many calibration windows as the default's four "
+                      f"steps) {twin:.1%}: {'+' if v >= 0 else ''}{100 * v:.1f} points")
         default = table.get(f"{domain}-xpert_default-s{pct}")
         if default is not None:  # accuracy: not worse than any baseline beyond the default's 95% interval
             acc_key = next((k for k in default["metrics"] if k.endswith("_acc")), None)
@@ -297,4 +306,4 @@ def write_figure(table: dict, path) -> object:
     from xpert_dist.report.plots import plot_grouped_bars
 
     return plot_grouped_bars(figure_values(table), path, "Validation perplexity retention (dense LoRA = 100%)",
-                             "retention, %")
+                             "retention, %", value_labels=".1f", legend_below=True)

@@ -130,8 +130,11 @@ def plot_sparsity_profiles(runs: dict[str, dict[str, float]], path: str | Path,
 
 
 def plot_grouped_bars(values: dict[str, dict[str, float]], path: str | Path, title: str, ylabel: str,
-                      reference_line: float | None = None) -> Path | None:
-    """Bars grouped by metric (x axis), one bar per run; NaN/missing values leave a gap."""
+                      reference_line: float | None = None, value_labels: str | None = None,
+                      legend_below: bool = False) -> Path | None:
+    """Bars grouped by metric (x axis), one bar per run; NaN/missing values leave a gap. ``value_labels``: a
+    format spec (e.g. ``".1f"``) to print each bar's value above it; ``legend_below``: the legend under the
+    axes instead of over the bars."""
     runs = [r for r, vals in values.items() if vals]
     metrics = list(dict.fromkeys(k for r in runs for k in values[r]))
     if not runs or not metrics:
@@ -142,14 +145,22 @@ def plot_grouped_bars(values: dict[str, dict[str, float]], path: str | Path, tit
     for i, run in enumerate(runs):
         xs = [m + (i - (len(runs) - 1) / 2) * width for m in range(len(metrics))]
         ys = [values[run].get(k, math.nan) for k in metrics]
-        ax.bar(xs, [0.0 if math.isnan(y) else y for y in ys], width=width * 0.95, label=run)
+        bars = ax.bar(xs, [0.0 if math.isnan(y) else y for y in ys], width=width * 0.95, label=run)
+        if value_labels:
+            ax.bar_label(bars, labels=["" if math.isnan(y) else format(y, value_labels) for y in ys], fontsize=6,
+                         rotation=90, padding=2)
     if reference_line is not None:
         ax.axhline(reference_line, color="black", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(len(metrics)), metrics, rotation=20, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_below:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    else:
+        ax.legend(fontsize=8)
+    if value_labels:
+        ax.margins(y=0.12)
     return save_png(fig, path)
 
 
