@@ -175,7 +175,8 @@ METHODS = {
                             "prune.mask_final=fraction:0.667"],
     # the ramp on the fairness twin's data: every prune step calibrates on the same 128 windows (the twin's count;
     # the shipped default's four steps see 4 x 32 different ones and carry their XᵀX), at 4x the calibration forwards.
-    # Health 40% (2026-12-07): 13.25 (78.9%, PubMedQA 0.495), level with the default (13.24) and the twin (13.28)
+    # Health 40% (2026-12-07): 13.25 (78.9%, PubMedQA 0.495), level with the default (13.24) and the twin (13.28);
+    # legal 40%: validation 22.14 (default 22.15), test 25.29 (78.4%; default 25.73, twin 25.31)
     "xpert_gradual_c128": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                            "prune.prune_every=25", "prune.ramp=cubic", "prune.mask_final=fraction:0.667",
                            "data.calib_samples=128"],
