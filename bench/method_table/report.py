@@ -301,8 +301,9 @@ def figure_values(table: dict) -> dict[str, dict[str, float]]:
     return {k: {c: v[c] for c in order if c in v} for k, v in out.items()}
 
 
-def write_figure(table: dict, path) -> object:
-    """bench/results/method_table.png: validation perplexity retention per cell, one bar per run."""
+def write_figure(table: dict, path):
+    """bench/results/method_table.png: validation perplexity retention per cell, one bar per run; returns the
+    path (None when no run has a cell)."""
     from xpert_dist.report.plots import plot_grouped_bars
 
     return plot_grouped_bars(figure_values(table), path, "Validation perplexity retention (dense LoRA = 100%)",

@@ -115,7 +115,8 @@ class TorchDistContext(DistContext):
       Nested gathers of the same parameters are no-ops (a modifying gather inside a read-only one
       is refused: its writes would be lost).
     * ``reduce_stats``: canonical-tree reduction to each statistic's owner (``assign_owners`` by
-      bytes, shifted by ``rotation`` ranks: a prune step passes the block index); the owner holds the full statistic, every rank gets ``n`` and the diagonal (the
+      bytes, shifted by ``rotation`` ranks: a prune step passes the block index); the owner holds
+      the full statistic, every rank gets ``n`` and the diagonal (the
       whole statistic in ``diag`` mode, or with ``replicate=True``). A statistic of at least
       ``scatter_min_bytes`` on at least ``scatter_min_world`` ranks (defaults ``SCATTER_MIN_BYTES``,
       ``SCATTER_MIN_WORLD``) is reduced by reduce-scatter over row chunks, then gathered on the
