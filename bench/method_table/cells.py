@@ -238,8 +238,18 @@ DOMAINS = {"health": ROOT / "configs" / "default_health.yaml", "legal": ROOT / "
 # the budget of every cell (same for all): overrides applied after the domain config. Issue 10: a
 # budget where fine-tuning matters: 150 optimizer steps of 4 x 256 tokens, 32 calibration windows per
 # prune step; in-loop variants prune every 50 steps (steps 50 and 100, then the final mask).
-BUDGET = ["train.max_steps=150", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=32",
-          "prune.prune_every=50"]
+# "300": twice the optimizer steps (and the two-step cells' prune steps at 100 and 200), the same data per step
+# and calibration: whether the in-loop method's lead over pruning before training grows with the recovery budget.
+# Its cells are a table of their own (``run.py --budget 300``: method_table_300.*), never mixed with this one.
+BUDGETS = {
+    "150": ["train.max_steps=150", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=32",
+            "prune.prune_every=50"],
+    "300": ["train.max_steps=300", "train.batch_size=4", "data.seq_len=256", "data.calib_samples=32",
+            "prune.prune_every=100"],
+}
+DEFAULT_BUDGET = "150"
+BUDGET_NAME = DEFAULT_BUDGET
+BUDGET = BUDGETS[DEFAULT_BUDGET]
 # not part of the budget: a cell checkpoints every 25 steps, so a cell left unfinished resumes from its
 # last checkpoint when the same command runs again (a finished cell is skipped)
 RESUME = ["train.checkpoint_every=25"]
@@ -255,6 +265,18 @@ def budget_tag() -> str:
 
 
 CACHE = CACHE_ROOT / budget_tag()
+TABLE = "method_table"  # the stem of the table's files under OUT
+
+
+def use_budget(name: str) -> None:
+    """Select one of ``BUDGETS`` for every module that reads this one's ``BUDGET``, ``CACHE`` and ``TABLE``
+    (as ``cells.X`` at call time): its own cache folder and its own table files."""
+    global BUDGET_NAME, BUDGET, CACHE, TABLE
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r} (known: {', '.join(BUDGETS)})")
+    BUDGET_NAME, BUDGET = name, BUDGETS[name]
+    CACHE = CACHE_ROOT / budget_tag()
+    TABLE = "method_table" if name == DEFAULT_BUDGET else f"method_table_{name}"
 
 
 def model_override() -> list[str]:

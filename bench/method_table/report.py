@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cells import BASELINES, BUDGET, EFFICIENTXPERT, METHODS, OUT, VALID, VALID_WINDOWS, parse_cell_name
+import cells as cells_mod  # noqa: E402  (cells_mod.BUDGET: the budget run.py --budget selects)
+from cells import BASELINES, EFFICIENTXPERT, METHODS, OUT, VALID, VALID_WINDOWS, parse_cell_name
 
 
 def wilson(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -208,7 +209,7 @@ def _timing_pair(domain: str, pct: str, methods: list[str]) -> dict | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    if data.get("budget") != BUDGET:  # measured at another budget: not this table's
+    if data.get("budget") != cells_mod.BUDGET:  # measured at another budget: not this table's
         return None
     args = data["args"]
     if args["domain"] != domain or int(round(args["sparsity"] * 100)) != int(pct):

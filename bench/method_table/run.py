@@ -4,6 +4,7 @@
     python bench/method_table/run.py [--domains health,legal] [--sparsities 0.4,0.5] [--only NAME,...]
     python bench/method_table/run.py --report     # the table from the finished cells, nothing launched
     python bench/method_table/run.py --threads 1 --only ...   # two invocations side by side on 2 cores
+    python bench/method_table/run.py --budget 300 --only dense_lora,xpert_default,...   # another budget's table
 
 Each cell (domain × sparsity × method) is one run of ``launchers/run.py`` in its own process (so
 its wall time and peak RSS are its own), with the same data, steps and evaluation as every other
@@ -36,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cells import (BUDGET, CACHE, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
+import cells  # noqa: E402  (cells.BUDGET, cells.CACHE, cells.TABLE: the budget --budget selects)
+from cells import (BUDGETS, DOMAINS, EVAL, METHODS, MODEL, OUT, POSTHOC, RESUME, ROOT, VALID,  # noqa: E402
                    VALID_WINDOWS, budget_tag, cell_name, model_override, parse_cell_name)
 from report import (_train_peak, carry_over, default_twins, markdown, renamed_defaults, summarise,  # noqa: E402
                     write_figure)
@@ -77,17 +79,17 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
 
 def cell_overrides(domain: str, method: str, sparsity: float, extra: list[str]) -> list[str]:
     """The overrides a cell runs with (after its domain config)."""
-    overrides = [f"prune.sparsity={sparsity}", *BUDGET, *RESUME, *EVAL, *METHODS[method], *MODEL, *extra]
+    overrides = [f"prune.sparsity={sparsity}", *cells.BUDGET, *RESUME, *EVAL, *METHODS[method], *MODEL, *extra]
     if method in POSTHOC:  # the dense cell's export pruned one-shot; its "base model" is that export, so no
         # base-model reference (the dense cell is the reference)
-        overrides += [f"model.name_or_path={CACHE / cell_name(domain, 'dense_lora', sparsity) / 'model'}",
+        overrides += [f"model.name_or_path={cells.CACHE / cell_name(domain, 'dense_lora', sparsity) / 'model'}",
                       "train.max_steps=0", "eval.base_reference=false"]
     return overrides
 
 
 def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dict | None:
     name = cell_name(domain, method, sparsity)
-    out = CACHE / name
+    out = cells.CACHE / name
     overrides = cell_overrides(domain, method, sparsity, extra)
     if (out / "results.json").is_file():
         if not _stale(out, domain, overrides):
@@ -105,7 +107,7 @@ def run_cell(domain: str, method: str, sparsity: float, extra: list[str]) -> dic
         dense = run_cell(domain, "dense_lora", sparsity, extra)
         if dense is None:
             return None
-    res = launch(name, out, domain, overrides, CACHE)
+    res = launch(name, out, domain, overrides, cells.CACHE)
     if res is not None and dense is not None:
         res = _posthoc_accounting(out, res, dense)
     return None if res is None else current_evaluation(out)
@@ -168,14 +170,14 @@ def _set_aside(out: Path, domain: str, sparsity: float) -> None:
     for method in METHODS:
         if method == "xpert_default":
             continue
-        target = CACHE / cell_name(domain, method, sparsity)
+        target = cells.CACHE / cell_name(domain, method, sparsity)
         if _comparable(_resolved(domain, cell_overrides(domain, method, sparsity, []))) == cfg:
             if not (target / "results.json").is_file():
                 print(f"[method_table] {out.name} ran what is now {target.name}: moved there", flush=True)
                 out.rename(target)
-                log = CACHE / f"{out.name}.log"
+                log = cells.CACHE / f"{out.name}.log"
                 if log.is_file():
-                    log.rename(CACHE / f"{target.name}.log")
+                    log.rename(cells.CACHE / f"{target.name}.log")
                 return
             break
     dest = out.with_name(out.name + ".stale")
@@ -191,7 +193,7 @@ def _set_aside(out: Path, domain: str, sparsity: float) -> None:
 def _finished_twin(domain: str, overrides: list[str]) -> Path | None:
     """A finished cell of this budget whose run config equals the one ``overrides`` give, if any."""
     want = _comparable(_resolved(domain, overrides))
-    for res_file in sorted(CACHE.glob(f"{domain}-*/results.json")):
+    for res_file in sorted(cells.CACHE.glob(f"{domain}-*/results.json")):
         if res_file.parent.name.endswith(".stale"):
             continue
         cfg = json.loads(res_file.read_text()).get("config", {})
@@ -231,7 +233,7 @@ def valid_perplexity(out: Path, domain: str) -> float:
 
     from xpert_dist.data.sources import load_records
 
-    cfg = load_config(DOMAINS[domain], [*BUDGET, *EVAL, *MODEL])
+    cfg = load_config(DOMAINS[domain], [*cells.BUDGET, *EVAL, *MODEL])
     res = json.loads((out / "results.json").read_text())
     same_text = (cfg.eval.perplexity_data is None
                  and list(load_records(VALID[domain])["id"]) == list(load_records(f"{domain}_heldout")["id"]))
@@ -260,7 +262,7 @@ def current_evaluation(out: Path) -> dict:
         print(f"[method_table] {out.name}: perplexity on the validation split {VALID[domain]}", flush=True)
         res["metrics"]["valid_perplexity"] = valid_perplexity(out, domain)
         atomic_write_json(out / "results.json", res)
-    cfg = load_config(DOMAINS[domain], [*BUDGET, *EVAL, *MODEL])
+    cfg = load_config(DOMAINS[domain], [*cells.BUDGET, *EVAL, *MODEL])
     if _metric_settings(res["config"]["eval"]) == _metric_settings(asdict(cfg.eval)):
         return res
     print(f"[method_table] re-evaluating {out.name} with {' '.join(EVAL)}", flush=True)
@@ -269,7 +271,7 @@ def current_evaluation(out: Path) -> dict:
     old, new = res["config"]["eval"], asdict(cfg.eval)
     task_keys = ("tasks", "max_task_examples", "batch_size")
     if all(old[k] == new[k] for k in task_keys):  # only the perplexity settings changed: keep the task metrics
-        ppl_only = load_config(DOMAINS[domain], [*BUDGET, *EVAL, *MODEL, "eval.tasks=[]"])
+        ppl_only = load_config(DOMAINS[domain], [*cells.BUDGET, *EVAL, *MODEL, "eval.tasks=[]"])
         kept = {k: v for k, v in res["metrics"].items() if not k.startswith("perplexity") or k == "valid_perplexity"}
         res["metrics"] = {**evaluate(model, load_tokenizer(cfg.model), ppl_only, progress=False), **kept}
     else:
@@ -282,7 +284,7 @@ def current_evaluation(out: Path) -> dict:
 
 def recorded_rows() -> dict[str, dict]:
     """The rows of the committed ``method_table.json`` when it is of this budget (else none)."""
-    path = OUT / "method_table.json"
+    path = OUT / f"{cells.TABLE}.json"
     if not path.is_file():
         return {}
     rec = json.loads(path.read_text())
@@ -313,9 +315,13 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every cell")
     ap.add_argument("--report", action="store_true", help="only write the table from the finished cells")
+    ap.add_argument("--budget", default=cells.DEFAULT_BUDGET, choices=sorted(BUDGETS),
+                    help="the cells' budget (cells.BUDGETS; default: issue 10's 150 steps); another budget has its own "
+                         "cache folder and its own table files (method_table_<budget>.*)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per cell (default: one per core); cores / cells for cells side by side")
     args = ap.parse_args()
+    cells.use_budget(args.budget)
     if args.threads is not None:
         if args.threads < 1:
             ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -328,19 +334,19 @@ def main() -> int:
     bad = [d for d in args.domains.split(",") if d not in DOMAINS]
     if bad:
         ap.error(f"--domains: unknown domain(s) {', '.join(bad)} (known: {', '.join(DOMAINS)})")
-    cells = {}
+    finished = {}
     for domain in args.domains.split(","):
         for s in (float(x) for x in args.sparsities.split(",")):
             for method in methods:
                 name = cell_name(domain, method, s)
-                if name in cells:
+                if name in finished:
                     continue
                 res = run_cell(domain, method, s, args.extra)
                 if res is not None:
-                    cells[name] = res
-    for res_file in sorted(CACHE.glob("*/results.json")):  # include cells of this budget from earlier sittings
+                    finished[name] = res
+    for res_file in sorted(cells.CACHE.glob("*/results.json")):  # include cells of this budget from earlier sittings
         out = res_file.parent
-        if out.name in cells or out.name.endswith(".stale"):
+        if out.name in finished or out.name.endswith(".stale"):
             continue
         domain, method, pct = parse_cell_name(out.name)
         if method == "xpert_default":  # the shipped default: only if it still is what the domain config ships
@@ -348,21 +354,21 @@ def main() -> int:
                 print(f"[method_table] {out.name}: not the current shipped default (run it again: "
                       f"--domains {domain} --sparsities {pct / 100} --only xpert_default)", flush=True)
                 continue
-        cells[out.name] = current_evaluation(out)
+        finished[out.name] = current_evaluation(out)
     recorded = recorded_rows()
     for domain in DOMAINS:  # retention of new cells against a dense cell recorded on another machine
         dense = cell_name(domain, "dense_lora", 0.0)
-        if cells and dense not in cells and dense in recorded:
-            cells[dense] = recorded[dense]
-    if not cells:  # nothing finished at this budget: keep the recorded table
-        print("[method_table] no finished cell at this budget; bench/results/method_table.* left as they are")
+        if finished and dense not in finished and dense in recorded:
+            finished[dense] = recorded[dense]
+    if not finished:  # nothing finished at this budget: keep the recorded table
+        print(f"[method_table] no finished cell at this budget; bench/results/{cells.TABLE}.* left as they are")
         return 0
-    table = summarise(cells)
+    table = summarise(finished)
     for name, row in table.items():
-        if cells[name] is recorded.get(name):  # the recorded dense row stood in for its cell: kept as recorded
+        if finished[name] is recorded.get(name):  # the recorded dense row stood in for its cell: kept as recorded
             table[name] = {**recorded[name], "recorded": True}
-        elif cells[name].get("config"):
-            row["run_config"] = _comparable(cells[name]["config"])
+        elif finished[name].get("config"):
+            row["run_config"] = _comparable(finished[name]["config"])
     for row in recorded.values():  # fields added to the config since the row was written, at their defaults
         if row.get("run_config"):
             row["run_config"] = _filled(row["run_config"])
@@ -382,11 +388,11 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
 
-    atomic_write_json(OUT / "method_table.json", {"budget": BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
-                                                  "model": MODEL, "cells": table})
+    atomic_write_json(OUT / f"{cells.TABLE}.json", {"budget": cells.BUDGET, "budget_tag": budget_tag(), "eval": EVAL,
+                                                    "model": MODEL, "cells": table})
     md = markdown(table)
-    atomic_write_text(OUT / "method_table.md", md)
-    write_figure(table, OUT / "method_table.png")
+    atomic_write_text(OUT / f"{cells.TABLE}.md", md)
+    write_figure(table, OUT / f"{cells.TABLE}.png")
     print(md)
     return 0
 

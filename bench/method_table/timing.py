@@ -36,7 +36,7 @@ def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
     out = CACHE / name
     if (out / "results.json").is_file():
         return {**json.loads((out / "results.json").read_text()), "finished": _finished(out)}
-    res = table.launch(name, out, domain, [f"prune.sparsity={sparsity}", *table.BUDGET, *table.METHODS[method],
+    res = table.launch(name, out, domain, [f"prune.sparsity={sparsity}", *table.cells.BUDGET, *table.METHODS[method],
                                            *table.MODEL, *NO_EVAL], CACHE)
     if res is None:
         raise SystemExit(f"[timing] {name} failed; see {CACHE / f'{name}.log'}")
@@ -90,7 +90,7 @@ def phases(rs: list[dict], lora: list[dict], boundary: int) -> dict | None:
 
 
 def markdown(s: dict, args) -> str:
-    lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.BUDGET)}; medians of "
+    lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.cells.BUDGET)}; medians of "
              f"{args.repeats} runs each (alternating within one sitting; cached runs are reused, and `finished` says when "
              f"each ran), no evaluation, "
              f"{f'{args.threads} torch thread(s)' if args.threads else 'one torch thread per core'}.", "",
@@ -139,7 +139,7 @@ def main() -> int:
     s = summary(runs)
     table.OUT.mkdir(parents=True, exist_ok=True)
     md = markdown(s, args)
-    for name, text in (("timing.json", json.dumps({"args": vars(args), "budget": table.BUDGET, "summary": s},
+    for name, text in (("timing.json", json.dumps({"args": vars(args), "budget": table.cells.BUDGET, "summary": s},
                                                   indent=2)), ("timing.md", md)):
         tmp = table.OUT / f"{name}.tmp"
         tmp.write_text(text)

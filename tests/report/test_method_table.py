@@ -77,7 +77,7 @@ def test_goals_take_the_side_by_side_timing_of_what_ships(tmp_path, monkeypatch)
     table = report.summarise(rows)
     table["health-xpert_default-s40"] = {**table["health-xpert_gradual-s40"], "twin_of": "health-xpert_gradual-s40"}
     timing = {"args": {"domain": "health", "sparsity": 0.4, "method": "xpert_other,xpert_gradual"},
-              "budget": report.BUDGET,
+              "budget": report.cells_mod.BUDGET,
               "summary": {"dense_lora": {"time_vs_lora": 1.0, "cpu_vs_lora": 1.0, "peak_rss_vs_lora": 1.0},
                           "xpert_other": {"time_vs_lora": 1.5, "cpu_vs_lora": 1.5, "peak_rss_vs_lora": 1.1},
                           "xpert_gradual": {"time_vs_lora": 1.37, "cpu_vs_lora": 1.36, "peak_rss_vs_lora": 1.009}}}
@@ -214,3 +214,33 @@ def test_goals_state_the_margin_over_the_fairness_twin(tmp_path, monkeypatch):
     line = report.goals(table)[0]
     assert "vs the fairness twin sparsegpt_masked_lora_c128" in line and "79.4%: +0.6 points" in line
     assert "+3.1 points vs sparsegpt_masked_lora" in line  # 80.0% - 76.9%
+
+
+def test_another_budget_has_its_own_cells_and_table(monkeypatch):
+    """``run.py --budget 300``: every cell runs 300 steps (the shipped ramp prunes at 50, 100, 150 and 200, a two-step
+    cell at 100 and 200) in a cache folder and table files of its own; the 150-step table keeps its folder."""
+    import cells
+    import run
+    from xpert_dist.config import PruneConfig
+    from xpert_dist.train.schedule import plan_prune_steps
+
+    for name in ("BUDGET_NAME", "BUDGET", "CACHE", "TABLE"):  # restored after the test
+        monkeypatch.setattr(cells, name, getattr(cells, name))
+    table_150, cache_150 = cells.TABLE, cells.CACHE
+
+    def prune_steps(method):
+        cfg = run._resolved("health", run.cell_overrides("health", method, 0.4, []))
+        prune = PruneConfig(**{k: v for k, v in cfg["prune"].items() if k in PruneConfig.__dataclass_fields__})
+        return cfg["train"]["max_steps"], list(plan_prune_steps(prune, 1, cfg["train"]["max_steps"]).steps)
+
+    assert prune_steps("xpert_default") == (150, [25, 50, 75, 100])
+    cells.use_budget("300")
+    assert prune_steps("xpert_default") == (300, [50, 100, 150, 200])
+    assert prune_steps("xpert_masked_obs_rewind") == (300, [100, 200])
+    assert prune_steps("sparsegpt_masked_lora_c128") == (300, [])
+    assert cells.TABLE == "method_table_300" and cells.CACHE.parent == cache_150.parent
+    assert cells.CACHE != cache_150 and run.cell_overrides("health", "dense_lora", 0.4, [])[1] == "train.max_steps=300"
+    with pytest.raises(ValueError, match="unknown budget '30'"):
+        cells.use_budget("30")
+    cells.use_budget("150")
+    assert (cells.TABLE, cells.CACHE) == (table_150, cache_150)
