@@ -128,6 +128,10 @@ class PruneConfig:
     # the masked adapter's one extra matmul per linear, its weight gradient G = gᵀx (maths/masked_linear):
     # auto (the adapter's dtype) | bfloat16 (half its cost where the CPU/GPU has bf16 matmuls; forward exact)
     masked_grad_dtype: str = "auto"
+    # the masked adapter's gradients: exact (through (BA)⊙M: ∂B = s·(G⊙M)Aᵀ, one [out, in] matmul G = gᵀx
+    # more than plain LoRA) | straight_through (plain LoRA's gradients, the forward and the export still
+    # exactly masked: a masked step costs a plain LoRA step; maths/masked_linear)
+    masked_grad: str = "exact"
     # the calibration forwards of a prune step (the blocks run on the calibration windows, and re-run once
     # pruned): auto (the model's dtype) | bfloat16 (under autocast, as a bf16 model runs them: the linears'
     # matmuls in bf16, the residual stream and XᵀX (prune.stats_dtype) as they were; stats/sequential.py)

@@ -83,6 +83,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("prune.pbs_order", p.pbs_order, ("adapter", "base"))
     _choice("prune.reconstruct", p.reconstruct, ("off", "obs"))
     _choice("prune.masked_grad_dtype", p.masked_grad_dtype, ("auto", "bfloat16"))
+    _choice("prune.masked_grad", p.masked_grad, ("exact", "straight_through"))
+    if p.masked_grad == "straight_through" and p.masked_grad_dtype != "auto":
+        raise ConfigError(f"prune.masked_grad_dtype={p.masked_grad_dtype} sets the dtype of the weight-gradient "
+                          "matmul that prune.masked_grad=straight_through does not compute; drop one of them")
     _choice("prune.calib_dtype", p.calib_dtype, ("auto", "bfloat16"))
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)

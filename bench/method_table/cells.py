@@ -190,6 +190,13 @@ METHODS = {
                                   "data.seed=1"],
     "sparsegpt_masked_lora_c128_seed1": ["prune.method=sparsegpt", "prune.schedule=before_training", "prune.pbs=off",
                                          "data.calib_samples=128", *MASKED, "train.seed=1", "data.seed=1"],
+    # the shipped default with the masked adapter's gradients straight-through (prune.masked_grad=straight_through:
+    # plain LoRA's adapter gradients under the exactly masked forward, no G = gᵀx matmul): the masked steps cost a plain
+    # LoRA step (bench/results/masked_cost.md); the cell measures what the estimator's direction costs the export
+    "xpert_gradual_carry_ste": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
+                                "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
+                                "prune.masked_grad=straight_through"],
     # the control for gradual pruning: the same four prune steps (25, 50, 75, 100) and rewinds, each to the full
     # target (no ramp): separates the ramp from the extra prune steps and rewinds
     "xpert_every25": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
@@ -228,7 +235,7 @@ for _name, _ov in METHODS.items():
                        ("prune.saliency=", "diag"), ("prune.masked_grad_dtype=", "auto"),
                        ("prune.calib_dtype=", "auto"), ("prune.allocation=", "uniform"),
                        ("prune.sparsegpt_percdamp=", "0.01"), ("prune.ramp=", "constant"), ("prune.prune_steps=", "0"),
-                       ("data.calib_sets=", "1"), ("prune.hessian_carry=", "0.0")):
+                       ("data.calib_sets=", "1"), ("prune.hessian_carry=", "0.0"), ("prune.masked_grad=", "exact")):
         if _name != "xpert_default" and not any(o.startswith(_opt) for o in _ov):
             _ov.insert(0, _opt + _off)
 EFFICIENTXPERT = [m for m in METHODS if m.startswith(("foresight_", "xpert_"))]

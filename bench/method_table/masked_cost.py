@@ -6,7 +6,8 @@
 One process, one model: training steps of 4 × 256 tokens (the method table's batch), LoRA r=8 on
 all seven linears, alternating plain LoRA, the masked adapter (40% random masks on every LoRA layer)
 as shipped (the fused ``maths/masked_linear`` function: one merged matmul when dropout is 0), the same with
-its weight gradient ``G = gᵀx`` in bfloat16 (``prune.masked_grad_dtype=bfloat16``), and the
+its weight gradient ``G = gᵀx`` in bfloat16 (``prune.masked_grad_dtype=bfloat16``), the same with plain
+LoRA's adapter gradients and no ``G`` (``prune.masked_grad=straight_through``), and the
 unfused autograd graph it replaced, after one warm-up step each, so all see the same machine load. CPU time (process_time, all
 threads) is the less load-sensitive measure on a shared machine; wall time is reported too.
 Writes ``bench/results/masked_cost.{json,md}``.
@@ -53,10 +54,11 @@ def main() -> int:
     fused = lora._fused_path
 
     def set_mode(mode: str) -> None:
-        lora._fused_path = fused if mode in ("masked", "masked_bf16") else (lambda *a: None)  # unfused: old graph
+        lora._fused_path = fused if mode != "masked_unfused" else (lambda *a: None)  # unfused: old graph
         for m, keep in zip(layers, masks):
             if mode != "lora":
-                lora.mask_delta(m, keep, grad_dtype=torch.bfloat16 if mode == "masked_bf16" else None)
+                lora.mask_delta(m, keep, grad_dtype=torch.bfloat16 if mode == "masked_bf16" else None,
+                                straight_through=mode == "masked_ste")
             else:
                 lora.unmask_delta(m)
 
@@ -68,7 +70,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    runs = {"lora": [], "masked": [], "masked_bf16": [], "masked_unfused": []}
+    runs = {"lora": [], "masked": [], "masked_bf16": [], "masked_ste": [], "masked_unfused": []}
     for mode in runs:  # warm-up
         set_mode(mode)
         one_step()
@@ -78,12 +80,13 @@ def main() -> int:
             runs[mode].append(one_step())
     summary = {m: {"wall_s": statistics.median(w for w, _ in r), "cpu_s": statistics.median(c for _, c in r),
                    "steps": len(r)} for m, r in runs.items()}
-    for mode in ("masked", "masked_bf16", "masked_unfused"):
+    for mode in ("masked", "masked_bf16", "masked_ste", "masked_unfused"):
         summary[mode]["wall_vs_lora"] = summary[mode]["wall_s"] / summary["lora"]["wall_s"]
         summary[mode]["cpu_vs_lora"] = summary[mode]["cpu_s"] / summary["lora"]["cpu_s"]
     out = ROOT / "bench" / "results"
-    (out / "masked_cost.json").write_text(json.dumps({"args": vars(args), "summary": summary,
-                                                      "raw": runs}, indent=2))
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "masked_cost.json", {"args": vars(args), "summary": summary, "raw": runs})
     md = (f"SmolLM2-135M, 4 × 256 tokens per step, LoRA r=8 on 7 linears, dropout {args.dropout}, "
           f"{args.threads} thread(s); medians of "
           f"{args.steps} alternating steps after one warm-up each (bench/method_table/masked_cost.py).\n\n"
@@ -93,8 +96,10 @@ def main() -> int:
                     f"{summary[m]['wall_vs_lora']:.2f}× | {summary[m]['cpu_vs_lora']:.2f}× |\n"
                     for m, label in (("masked", "masked, as shipped (maths/masked_linear)"),
                                      ("masked_bf16", "masked, weight gradient in bf16 (prune.masked_grad_dtype)"),
+                                     ("masked_ste", "masked, straight-through adapter gradients, no weight "
+                                                    "gradient (prune.masked_grad)"),
                                      ("masked_unfused", "masked, unfused autograd graph (before)"))))
-    (out / "masked_cost.md").write_text(md)
+    atomic_write_text(out / "masked_cost.md", md)
     print(md)
     return 0
 

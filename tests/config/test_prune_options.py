@@ -29,6 +29,8 @@ def cfg(**prune):
     ({"reconstruct": "obs", "pbs": "off", "hessian_carry": -0.1}, "prune.hessian_carry"),
     ({"reconstruct": "obs", "pbs": "off", "hessian_carry": "all"}, "prune.hessian_carry"),
     ({"method": "foresight", "pbs": "diagonal", "hessian_carry": 1.0}, "prune.hessian_carry"),
+    ({"masked_grad": "approximate"}, "prune.masked_grad="),
+    ({"masked_grad": "straight_through", "masked_grad_dtype": "bfloat16"}, "does not compute"),
 ])
 def test_refused(prune, match):
     with pytest.raises(ConfigError, match=match):
@@ -46,6 +48,8 @@ def test_refused(prune, match):
     {"method": "sparsegpt", "schedule": "steps", "prune_every": 5, "pbs": "off", "hessian_carry": 0.5},
     {"method": "foresight", "pbs": "full", "hessian_carry": 0.5},
     {"method": "foresight", "pbs": "diagonal", "saliency": "obs", "hessian_carry": 0.5},  # the OBS saliency solves too
+    {"masked_grad": "straight_through"},
+    {"masked_grad": "exact", "masked_grad_dtype": "bfloat16"},
 ])
 def test_accepted(prune):
     cfg(**prune)

@@ -104,3 +104,41 @@ def test_bfloat16_weight_gradient_close_to_float64_and_the_rest_exact():
                        grad_dtype=torch.bfloat16).backward(gy.float())
     G = (gy.float().reshape(-1, 64).t().bfloat16() @ x.float().reshape(-1, 96).bfloat16()).float() * keep
     torch.testing.assert_close(B_.grad, G @ A.float().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_straight_through_gradients_are_plain_loras_of_the_masked_forward(merged):
+    """``straight_through=True``: output and ∂x, ∂xd, ∂bias as the exact masked linear's; the adapter's gradients
+    those of a dense delta at the masked forward's upstream gradient. Oracle: float64 autograd through
+    ``s·BA + (s·(BA)⊙M − s·BA).detach()`` (the straight-through estimator), and, independently, the
+    hand-written plain LoRA formulas ``∂B = s gᵀ(xd Aᵀ)``, ``∂A = s (g B)ᵀ xd``."""
+    keep, W, b, A, B, x, xd, gy = _case(4)
+    s = 0.75
+    bits = pack_bits(keep)
+
+    def oracle(x_, xd_, A_, B_, b_):
+        dense = (B_ @ A_) * s
+        delta = dense + (dense * keep - dense).detach()
+        return x_ @ W.t() + b_ + (x_ if merged else xd_) @ delta.t()
+
+    def fused(st):
+        return lambda x_, xd_, A_, B_, b_: masked_lora_linear(x_, None if merged else xd_, W, b_, A_, B_, bits,
+                                                             keep.shape, s, straight_through=st)
+
+    y_ref, g_ref = _grads(oracle, [x, xd, A, B, b], gy)
+    y, g = _grads(fused(True), [x, xd, A, B, b], gy)
+    y_exact, g_exact = _grads(fused(False), [x, xd, A, B, b], gy)
+    assert torch.equal(y, y_exact)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, got, ref, exact in zip(["x", "xd", "A", "B", "bias"], g, g_ref, g_exact):
+        if merged and name == "xd":
+            assert got is None and ref is None
+            continue
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=f"grad {name}")
+        if name in ("A", "B"):  # the estimator is what differs from the exact gradient
+            assert float((got - exact).abs().max()) > 1e-3
+        else:
+            assert torch.equal(got, exact)
+    a_in, g2 = (x if merged else xd).reshape(-1, 13), gy.reshape(-1, 7)
+    torch.testing.assert_close(g[3], s * g2.t() @ (a_in @ A.t()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g[2], s * (g2 @ B).t() @ a_in, rtol=1e-12, atol=1e-12)

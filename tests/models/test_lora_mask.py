@@ -95,3 +95,29 @@ def test_support_is_mask_refuses_a_kept_zero_and_a_non_float_weight():
     assert not lora.support_is_mask(lin, kept_zero)
     lin.weight = torch.nn.Parameter(torch.ones(3, 4, dtype=torch.uint8), requires_grad=False)
     assert not lora.support_is_mask(lin, torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_straight_through_on_the_fused_and_the_generic_path(monkeypatch):
+    """prune.masked_grad=straight_through: the logits stay the oracle's (the model is exactly masked); the
+    adapter's gradients are the same on the fused path (maths/masked_linear) and on the generic autograd path
+    (``masked_delta_weight``, e.g. a quantized base), and differ from the exact masked gradients."""
+    model, masks = _pruned_model(False)
+    runs = {}
+    for grad in ("exact", "straight_through"):
+        m = copy.deepcopy(model)
+        pruner = Pruner(PruneConfig(masked_grad=grad))
+        pruner.masks.update(masks)
+        pruner.freeze(m)
+        runs[grad] = (m, *_logits_and_grads(m))
+    fused_model, logits, grads = runs["straight_through"]
+    torch.testing.assert_close(logits, _oracle_logits(model, masks), rtol=1e-10, atol=1e-10)
+    assert torch.equal(logits, runs["exact"][1])
+    fused_model.zero_grad()
+    monkeypatch.setattr(lora, "_fused_path", lambda *a: None)
+    generic_logits, generic_grads = _logits_and_grads(fused_model)
+    torch.testing.assert_close(generic_logits, logits, rtol=1e-10, atol=1e-10)
+    adapter = [n for n in grads if "lora_" in n]
+    assert adapter
+    for n in adapter:
+        torch.testing.assert_close(generic_grads[n], grads[n], rtol=1e-9, atol=1e-12, msg=n)
+    assert max(float((grads[n] - runs["exact"][2][n]).abs().max()) for n in adapter) > 1e-6

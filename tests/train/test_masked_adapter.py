@@ -112,8 +112,9 @@ def _run(tmp_path, name, **sections):
     {"prune": {"distill": "logits", "distill_weight": 0.5}},
     {"prune": {"distill": "logits+squarehead"}, "train": {"gradient_checkpointing": True}},
     {"prune": {"masked_grad_dtype": "bfloat16"}},
+    {"prune": {"masked_grad": "straight_through"}},
 ], ids=["last_inloop", "grad_ckpt", "fraction", "wanda_masked_lora", "sparsegpt_masked_lora", "pbs_base_reset",
-        "reconstruct_obs", "distill", "distill_squarehead_ckpt", "bf16_weight_grad"])
+        "reconstruct_obs", "distill", "distill_squarehead_ckpt", "bf16_weight_grad", "straight_through"])
 def test_exported_model_is_the_trained_model(tmp_path, sections):
     res, out, trained = _run(tmp_path, "run", **sections)
     exported = _exported_logits(out)
@@ -177,14 +178,15 @@ def _worker(rank, world, port, out, ds_path, logits_path, prune):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_dtype", ["auto", "bfloat16"])
-def test_zero3_two_ranks_exported_model_is_the_trained_model(tmp_path, grad_dtype):
+@pytest.mark.parametrize("masked", [{"masked_grad_dtype": "auto"}, {"masked_grad_dtype": "bfloat16"},
+                                    {"masked_grad": "straight_through"}], ids=["auto", "bfloat16", "straight_through"])
+def test_zero3_two_ranks_exported_model_is_the_trained_model(tmp_path, masked):
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                               "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     out = tmp_path / "z3"
     mp.start_processes(_worker, args=(2, free_port(), str(out), str(ds), str(tmp_path / "z3.pt"),
-                                      {"masked_grad_dtype": grad_dtype}), nprocs=2,
+                                      masked), nprocs=2,
                        join=True, start_method="spawn")
     trained = torch.load(tmp_path / "z3.pt")
     assert float((trained - _exported_logits(out)).abs().max()) <= TOL

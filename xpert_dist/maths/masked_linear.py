@@ -20,6 +20,12 @@ before the module's backward is what the backward sees.
 (``prune.masked_grad_dtype``; None: A's dtype). ``torch.bfloat16`` halves its cost on CPUs with bf16
 matmul units at bf16's rounding of ``G`` (~3 significant digits); the forward and ``∂x`` stay exact.
 
+``straight_through``: the adapter's gradients as if its delta were dense, ``∂B = s gᵀ(x Aᵀ)`` and
+``∂A = s (g B)ᵀ x`` (plain LoRA's, ``r·tokens·(out + in)`` multiply-adds), instead of the exact
+``∂B = s (G⊙M) Aᵀ``, ``∂A = s Bᵀ (G⊙M)``: no ``G`` matmul, so a masked step costs what a plain LoRA step
+costs; the forward, ``∂x`` and hence the trained model stay exactly masked (only the update direction
+ignores the mask, as a straight-through estimator does). ``prune.masked_grad``.
+
 ``bits=None``: the mask is the base weight's support, ``M = (W != 0)`` (valid when ``W`` is exactly zero
 off the mask and non-zero on it; the caller checks that once). Nothing is stored per module, and under
 ZeRO-3 the mask is partitioned with the weight it is read from.
@@ -53,7 +59,7 @@ def _merged(weight: Tensor, delta: Tensor) -> Tensor:
 
 class _MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling, grad_dtype):
+    def forward(ctx, x, xd, weight, bias, A, B, bits, shape, scaling, grad_dtype, straight_through):
         delta = _delta(A, B, _keep(weight, bits, shape), scaling)
         if xd is None:
             y = F.linear(x, _merged(weight, delta), bias)
@@ -62,6 +68,7 @@ class _MaskedLoRALinear(torch.autograd.Function):
         # the adapter's input is all the backward needs (∂x comes from the weights and g)
         ctx.save_for_backward(x if xd is None else xd, bits)  # bits None: a None slot
         ctx.merged, ctx.shape, ctx.scaling, ctx.grad_dtype = xd is None, shape, scaling, grad_dtype
+        ctx.straight_through = straight_through
         ctx.weight, ctx.A, ctx.B = weight, A, B
         return y
 
@@ -80,20 +87,27 @@ class _MaskedLoRALinear(torch.autograd.Function):
                 grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
                 grad_xd = g @ delta.to(g.dtype) if ctx.needs_input_grad[1] else None
             del delta
-        gd = ctx.grad_dtype or A.dtype
-        G = (g2.t().to(gd) @ a_in.reshape(-1, a_in.shape[-1]).to(gd)).to(A.dtype).mul_(keep)  # G⊙M, unscaled
-        grad_A = (B * s).t() @ G if ctx.needs_input_grad[4] else None  # s·Bᵀ(G⊙M)
-        grad_B = G @ (A * s).t() if ctx.needs_input_grad[5] else None  # s·(G⊙M)Aᵀ
+        a2 = a_in.reshape(-1, a_in.shape[-1])
+        if ctx.straight_through:  # plain LoRA's gradients: s·(gB)ᵀx and s·gᵀ(xAᵀ), no [out, in] matrix
+            g2a = g2.to(A.dtype)
+            grad_A = (g2a @ (B * s)).t() @ a2.to(A.dtype) if ctx.needs_input_grad[4] else None
+            grad_B = g2a.t() @ (a2.to(A.dtype) @ (A * s).t()) if ctx.needs_input_grad[5] else None
+        else:
+            gd = ctx.grad_dtype or A.dtype
+            G = (g2.t().to(gd) @ a2.to(gd)).to(A.dtype).mul_(keep)  # G⊙M, unscaled
+            grad_A = (B * s).t() @ G if ctx.needs_input_grad[4] else None  # s·Bᵀ(G⊙M)
+            grad_B = G @ (A * s).t() if ctx.needs_input_grad[5] else None  # s·(G⊙M)Aᵀ
         grad_bias = g2.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None, None, None
 
 
 def masked_lora_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                        bits: Tensor | None, shape: tuple[int, int], scaling: float,
-                       grad_dtype: torch.dtype | None = None) -> Tensor:
+                       grad_dtype: torch.dtype | None = None, straight_through: bool = False) -> Tensor:
     """``x Wᵀ + b + s·xd ((BA)⊙M)ᵀ`` (``xd None``: ``xd = x``, merged into one matmul); ``bits`` is the keep
     mask packed by :func:`xpert_dist.maths.bits.pack_bits` for ``shape = (out, in)``, or None for
     ``M = (W != 0)``. Gradients flow to
-    ``x``, ``xd``, ``bias``, ``A`` and ``B``; ``weight`` is treated as frozen. ``grad_dtype``: see the module
-    docstring."""
-    return _MaskedLoRALinear.apply(x, xd, weight, bias, A, B, bits, tuple(shape), float(scaling), grad_dtype)
+    ``x``, ``xd``, ``bias``, ``A`` and ``B``; ``weight`` is treated as frozen. ``grad_dtype``,
+    ``straight_through``: see the module docstring."""
+    return _MaskedLoRALinear.apply(x, xd, weight, bias, A, B, bits, tuple(shape), float(scaling), grad_dtype,
+                                   bool(straight_through))

@@ -35,6 +35,7 @@ _BITS = "xd_delta_mask_bits"
 _SHAPE = "xd_delta_mask_shape"
 _IMPLICIT = "xd_delta_mask_implicit"
 _GRAD_DTYPE = "xd_delta_grad_dtype"  # the fused path's G = gᵀx dtype (the generic autograd path ignores it)
+_STRAIGHT = "xd_delta_straight_through"  # the adapter's gradients ignore the mask (prune.masked_grad)
 
 
 def wrap_lora(model: nn.Module, cfg: LoraSettings, quantized: bool = False) -> nn.Module:
@@ -77,12 +78,14 @@ def _is_zero3(p) -> bool:
 
 
 def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False,
-               grad_dtype: torch.dtype | None = None) -> None:
+               grad_dtype: torch.dtype | None = None, straight_through: bool = False) -> None:
     """From now on train ``module``'s (a peft LoRA Linear) delta masked by ``keep`` (True = keep).
 
     ``implicit``: the caller checked :func:`support_is_mask`; the mask is then read from the base weight
     (``W != 0``) at every forward and backward instead of being stored beside the module. ``grad_dtype``:
-    the dtype of the adapter's weight-gradient matmul (``maths/masked_linear``; None: the adapter's)."""
+    the dtype of the adapter's weight-gradient matmul (``maths/masked_linear``; None: the adapter's).
+    ``straight_through``: the forward stays masked, the adapter's gradients are plain LoRA's (no weight-gradient
+    matmul; ``maths/masked_linear``)."""
     if not hasattr(module, "lora_A"):
         raise ConfigError(f"{type(module).__name__} has no LoRA adapter to mask")
     if getattr(module, "merged", False):
@@ -100,6 +103,7 @@ def mask_delta(module: nn.Module, keep: torch.Tensor, implicit: bool = False,
         module.register_buffer(_BITS, pack_bits(keep.detach().to(device=device, dtype=torch.bool)), persistent=False)
     setattr(module, _SHAPE, tuple(keep.shape))
     module.__dict__[_GRAD_DTYPE] = grad_dtype
+    module.__dict__[_STRAIGHT] = bool(straight_through)
     if "forward" not in module.__dict__:
         module.forward = types.MethodType(_masked_forward, module)
     # the fused forward reads the base weight directly too (no base_layer call)
@@ -119,13 +123,18 @@ def unmask_delta(module: nn.Module) -> None:
     module.__dict__.pop(_IMPLICIT, None)
     module.__dict__.pop(_SHAPE, None)
     module.__dict__.pop(_GRAD_DTYPE, None)
+    module.__dict__.pop(_STRAIGHT, None)
     module.__dict__.pop("forward", None)
 
 
-def masked_delta_weight(module: nn.Module, adapter: str, keep: torch.Tensor) -> torch.Tensor:
-    """``s·(B A) ⊙ M`` of one adapter (differentiable; parameters must be materialised)."""
+def masked_delta_weight(module: nn.Module, adapter: str, keep: torch.Tensor,
+                        straight_through: bool = False) -> torch.Tensor:
+    """``s·(B A) ⊙ M`` of one adapter (differentiable; parameters must be materialised). ``straight_through``:
+    the same value, with the gradient of the dense ``s·BA`` (the mask is a constant offset)."""
     A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    return (B @ A) * keep.to(device=A.device, dtype=A.dtype) * module.scaling[adapter]
+    dense = (B @ A) * module.scaling[adapter]
+    masked = dense * keep.to(device=A.device, dtype=A.dtype)
+    return dense + (masked - dense).detach() if straight_through else masked
 
 
 def _fused_path(self, args, kwargs) -> str | None:
@@ -157,7 +166,7 @@ def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
         y = masked_lora_linear(xin if not dropping else x, drop(xin) if dropping else None, base.weight, base.bias,
                                A, B, getattr(self, _BITS, None), getattr(self, _SHAPE), self.scaling[name],
-                               self.__dict__.get(_GRAD_DTYPE))
+                               self.__dict__.get(_GRAD_DTYPE), self.__dict__.get(_STRAIGHT, False))
         return y.to(x.dtype)
     result = self.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
@@ -167,5 +176,6 @@ def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             continue
         A = self.lora_A[name].weight
         xin = self._cast_input_dtype(x, A.dtype)
-        result = result + F.linear(self.lora_dropout[name](xin), masked_delta_weight(self, name, keep))
+        delta = masked_delta_weight(self, name, keep, self.__dict__.get(_STRAIGHT, False))
+        result = result + F.linear(self.lora_dropout[name](xin), delta)
     return result.to(out_dtype)

@@ -239,7 +239,8 @@ class Pruner:
             keep = self.masks[name]
             with self.ctx.gather([st.base_linear(m).weight]):
                 implicit = lora.support_is_mask(m, keep)
-            lora.mask_delta(m, keep, implicit=implicit, grad_dtype=grad_dtype)
+            lora.mask_delta(m, keep, implicit=implicit, grad_dtype=grad_dtype,
+                            straight_through=self.cfg.masked_grad == "straight_through")
             stored += not implicit
             masked += 1
         log.info("masked adapter: %d modules read the mask from their base weight, %d keep a bit-packed mask",
