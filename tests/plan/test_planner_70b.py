@@ -150,7 +150,8 @@ def _sbatch(script, key: str) -> str:
     ("llama7b_health", "prune_7b", "llama2_7b", 40, 256),
 ])
 def test_shipped_cluster_configs_fit_their_sbatch_allocation(config, script, shape, gpu_gb, host_gb):
-    """The cluster configs ship the domain configs' recipe (OBS reconstruction from the full XᵀX, the ramp):
+    """The cluster configs ship the domain configs' recipe (OBS reconstruction from the full XᵀX, the ramp, the
+    carried XᵀX over per-step calibration windows):
     planned with their own settings, the DeepSpeed config their sbatch script names and that script's nodes and
     GPUs, both the training step and the prune step fit on the GPUs and in host memory."""
     import json
@@ -174,9 +175,12 @@ def test_shipped_cluster_configs_fit_their_sbatch_allocation(config, script, sha
                     saliency=p.saliency, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, seq_len=cfg.data.seq_len,
                     micro_batch=cfg.train.micro_batch_size, calib_samples=cfg.data.calib_samples,
                     stats_offload=p.offload, stats_dtype=p.stats_dtype, solver_dtype=p.solver_dtype,
-                    dtype=cfg.model.dtype, grad_checkpointing=cfg.train.gradient_checkpointing)
+                    dtype=cfg.model.dtype, grad_checkpointing=cfg.train.gradient_checkpointing,
+                    hessian_carry=p.hessian_carry > 0)
     plan = estimate(spec)
-    assert p.reconstruct == "obs" and p.ramp == "cubic"  # what the domain configs ship
+    # what the domain configs ship: OBS from the full XᵀX, the ramp, each step's own windows and the carried XᵀX
+    assert p.reconstruct == "obs" and p.ramp == "cubic" and p.hessian_carry == 1.0 and cfg.data.calib_sets == 4
+    assert any(t.name.startswith("carried XᵀX") for t in plan.terms)
     for step in ("train", "prune"):
         assert plan.fits[step]["accel"] and plan.fits[step]["host"], (step, plan.peaks[step], plan.suggestions)
     # the OBS solve of down_proj (the widest input) is planned: two I x I fp32 matrices on the accelerator
