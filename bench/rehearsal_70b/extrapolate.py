@@ -6,6 +6,9 @@ from pathlib import Path
 
 from bench.rehearsal_70b.common import REPO
 
+SHIPPED = ("shipped: ForeSight + OBS reconstruction from the full XᵀX, the ramp's prune steps, masked last third "
+           "(configs/llama70b_health.yaml)")
+SHIPPED_STE = "the same with prune.masked_grad=straight_through (masked steps cost plain LoRA steps)"
 # GPU constants: ASSUMPTIONS (no GPU measured them here); named so the arithmetic can be redone.
 GPU = {"name": "H100-SXM-80GB (README's 8 nodes x 8 GPUs plan)",
        "bf16_tflops_effective": 400.0,  # 989 peak dense bf16 x ~40% MFU (training and calibration forwards)
@@ -24,7 +27,7 @@ def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", worl
 
     from xpert_dist.plan.shapes import ModelShape
     from xpert_dist.train.schedule import plan_prune_steps
-    from xpert_dist.config import PruneConfig
+    from xpert_dist.config import PruneConfig, mask_final_fraction
 
     y = yaml.safe_load(cfg_path.read_text())
     m = ModelShape.load("llama2_70b")
@@ -88,6 +91,11 @@ def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", worl
     step_full = m.layers * sum(blk[k] for k in full_parts)
     step_diag = m.layers * (blk["calibration forwards (bf16, /W)"] + blk["statistics diag (fp32, /W)"]
                             + blk["scores + mask + writes (elementwise, largest owner: all)"])
+    # the recipe the cluster configs ship (prune.reconstruct=obs, pbs off): the full statistics and their
+    # reduction as full PBS, then SparseGPT's solve of the kept weights per matrix on its owner (the widest,
+    # down_proj, bounds a block: its owner solves while the others wait for the block's results)
+    obs_parts = [k for k in full_parts if not k.startswith("PBS")] + ["SparseGPT solve (down_proj owner)"]
+    step_obs = m.layers * sum(blk[k] for k in obs_parts)
     # ---- training
     tok = n_train_tokens
     B = global_batch or max(world, int(y["train"].get("batch_size", 1)))
@@ -114,14 +122,83 @@ def extrapolate(cfg_path: Path = REPO / "configs" / "llama70b_health.yaml", worl
                         "total_steps": total, "flops_per_token": flops_tok, "step_s": train_step_s, "train_s": train_s,
                         "inloop_prune_steps": list(plan.steps), "final_prune_step": True,
                         "config_batch_size": y["train"].get("batch_size")}}
-    ratios = {}
-    for name, inloop in (("pbs diagonal (shipped in configs/llama70b_health.yaml)", step_diag),
-                         ("pbs full", step_full)):
-        ex = train_s + n_inloop * inloop + step_diag  # + the final prune (no PBS: diagonal statistics)
-        ratios[name] = {"vs_plain_lora": ex / train_s, "vs_lora_then_prune": ex / (train_s + step_diag)}
-    out["time_ratio"] = ratios
-    # how many training tokens make the shipped schedule (1 in-loop + final) stay within 1.10x of plain LoRA
+    # a mask final before the end of training (prune.mask_final != end): the final step only verifies sparsity
+    # (elementwise, no statistics); the released recipe's final step re-prunes with diagonal statistics
+    final_s = step_diag if str(y["prune"].get("mask_final", "last_inloop")) == "end" else \
+        m.layers * blk["scores + mask + writes (elementwise, largest owner: all)"]
+    # the number of in-loop steps of a run long enough for the config's count (prune.prune_steps; this short run
+    # may fit fewer): what the 1.10x token count is for
+    n_sched = int(y["prune"].get("prune_steps") or 0) or n_inloop
+    # once the mask is final the adapter trains masked: with exact gradients (prune.masked_grad=exact) each of the
+    # block linears adds its weight gradient G = gᵀx, 2·P_blk FLOPs per token per layer, to a step's
+    # 3·(2·P) (forward, recompute, input gradient); prune.masked_grad=straight_through adds nothing
+    frac = mask_final_fraction(str(y["prune"].get("mask_final", "last_inloop")))
+    masked_share = 0.0 if str(y["prune"].get("mask_final")) == "end" else \
+        (1.0 - frac if frac is not None else 1.0 - plan.mask_final_at / total)
+    masked_extra = masked_share * 2.0 * m.layers * P_blk / flops_tok  # share of plain LoRA's training time
+    ratios, tokens = {}, {}
     per_tok = flops_tok / world / bf
-    for name, inloop in (("pbs diagonal", step_diag), ("pbs full", step_full)):
-        out.setdefault("tokens_for_1.10x", {})[name] = (n_inloop * inloop + step_diag) / (0.10 * per_tok * epochs)
+    for name, inloop, final, oneshot, extra in (
+            (SHIPPED, step_obs, final_s, step_obs, masked_extra),  # vs LoRA -> SparseGPT: same statistics, solves
+            (SHIPPED_STE, step_obs, final_s, step_obs, 0.0),
+            ("same schedule, diagonal PBS (previous recipe's statistics)", step_diag, step_diag, step_diag, 0.0),
+            ("same schedule, full PBS", step_full, step_diag, step_diag, 0.0)):
+        ex = train_s * (1.0 + extra) + n_inloop * inloop + final
+        ratios[name] = {"vs_plain_lora": ex / train_s, "vs_lora_then_prune": ex / (train_s + oneshot),
+                        "inloop_step_s": inloop, "final_step_s": final, "masked_training_extra": extra}
+        # training tokens per epoch that keep the whole schedule within 1.10x of plain LoRA (none if the masked
+        # phase alone costs 10%)
+        tokens[name] = (n_sched * inloop + final) / ((0.10 - extra) * per_tok * epochs) if extra < 0.10 else None
+    out["prune_step_s"]["shipped: ForeSight + OBS reconstruction (statistics full)"] = step_obs
+    out["prune_step_obs_parts"] = obs_parts
+    out["time_ratio"] = ratios
+    out["tokens_for_1.10x"] = tokens
+    out["inloop_steps_for_tokens"] = n_sched
     return out
+
+
+# training tokens per epoch at which the time ratios are tabulated besides the shipped health data's
+TOKEN_POINTS = (100e6, 1e9)
+
+
+def write_extrapolation(world: int = 32, health_tokens: int = 637_556) -> str:
+    """``bench/results/extrapolation_70b.{json,md}``: the time of the shipped recipe against plain LoRA at 70B on
+    ``world`` GPUs (``slurm/prune_70b.sh``: 4 x 8), arithmetic only (no cell), for the packaged health data and
+    longer runs; returns the markdown."""
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
+    from bench.rehearsal_70b.common import RESULTS
+
+    runs = {int(t): extrapolate(world=world, n_train_tokens=int(t)) for t in (health_tokens, *TOKEN_POINTS)}
+    e = runs[health_tokens]
+    steps = e["prune_step_s"]
+    L = [f"Llama-2-70B (80 blocks), `configs/llama70b_health.yaml` on {world} GPUs (`slurm/prune_70b.sh`: 4 x 8), "
+         "FLOP and byte counts divided by *assumed* throughputs (no GPU measured them; "
+         "`python -m bench.rehearsal_70b extrapolate`, `bench/rehearsal_70b/extrapolate.py`), an H100-SXM-80GB per rank: "
+         + ", ".join(f"{k} = {v}" for k, v in e["gpu_assumptions"].items() if k != "name") + ".", "",
+         f"One prune step of the shipped recipe: **{steps['shipped: ForeSight + OBS reconstruction (statistics full)']:.0f} s** "
+         "(" + ", ".join(f"{k} {e['per_block_seconds'][k]:.3g} s" for k in e["prune_step_obs_parts"]) + " per block); "
+         f"full-Hessian PBS {steps['pbs full (statistics full)']:.0f} s, diagonal statistics "
+         f"{steps['pbs diagonal / final step (statistics diag)']:.1f} s. The shipped schedule prunes "
+         f"{e['inloop_steps_for_tokens']} times in the loop (one in the packaged data's 2 optimizer steps), then "
+         "verifies the final mask. Once the mask is final (the last third) the adapter trains masked: exact gradients "
+         "add each block linear's weight gradient G = gᵀx, "
+         f"{e['time_ratio'][SHIPPED]['masked_training_extra']:.1%} of plain LoRA's training time over the run "
+         "(forward, recompute and input gradient are 3 x 2P FLOPs per token; G adds 2P of the blocks' P for a third "
+         "of the steps); `prune.masked_grad=straight_through` adds none.", "",
+         "| variant | " + " | ".join(f"time / plain LoRA at {t / 1e6:,.{2 if t < 1e6 else 0}f} M tokens" for t in runs) +
+         " | vs LoRA then one prune step (1,000 M) | training tokens per epoch for 1.10x |",
+         "|---|" + "---|" * (len(runs) + 2)]
+    big = runs[int(TOKEN_POINTS[-1])]
+    for k in e["time_ratio"]:
+        tk = e["tokens_for_1.10x"][k]
+        L.append(f"| {k} | " + " | ".join(f"{r['time_ratio'][k]['vs_plain_lora']:.3f}x" for r in runs.values())
+                 + f" | {big['time_ratio'][k]['vs_lora_then_prune']:.3f}x | "
+                 + (f"{tk / 1e6:,.0f} M |" if tk else "never (the masked phase alone costs more than 10%) |"))
+    L += ["", f"The packaged health data is {health_tokens:,} tokens (SmolLM2 tokenizer): 2 optimizer steps of "
+          f"{e['training']['step_s']:.1f} s at a global batch of {e['training']['global_batch']}, so there the prune "
+          "step dominates; the issue's 1.10x is reached from the token count in the last column on (2 epochs)."]
+    md = "\n".join(L) + "\n"
+    atomic_write_json(RESULTS / "extrapolation_70b.json", {"world": world, "runs": runs})
+    atomic_write_text(RESULTS / "extrapolation_70b.md", md)
+    return md

@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     pl.add_argument("--pbs", default="full")
     pl.add_argument("--fresh", action="store_true")
     sub.add_parser("report")
+    ex = sub.add_parser("extrapolate", help="bench/results/extrapolation_70b.*: the shipped recipe's time at 70B "
+                                            "(arithmetic, assumed GPU throughputs; no cell)")
+    ex.add_argument("--world", type=int, default=32, help="GPUs (slurm/prune_70b.sh: 4 nodes x 8)")
     mp = sub.add_parser("_micro_part")
     mp.add_argument("matrix")
     mp.add_argument("part")
@@ -61,6 +64,11 @@ def main(argv=None) -> int:
         res = report()
         write(res)
         print((RESULTS / "rehearsal_70b.md").read_text())
+        return 0
+    if args.cmd == "extrapolate":
+        from bench.rehearsal_70b.extrapolate import write_extrapolation
+
+        print(write_extrapolation(world=args.world))
         return 0
     if args.cmd == "micro":
         micro(args.matrices, args.parts, fresh=args.fresh, rows=args.rows)
