@@ -76,7 +76,7 @@ METHODS = {
     "xpert_unpruned": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                        "prune.propagate=unpruned", "prune.group=output", *MASKED],
     # the shipped default with the masked adapter's weight gradient G = gᵀx in bfloat16 (prune.masked_grad_dtype):
-    # the masked steps cost 1.15x a plain LoRA step instead of 1.26x (bench/results/masked_cost.md); the cell
+    # the masked steps cost 1.15x a plain LoRA step instead of 1.26x (masked_cost.py, 2026-12-03); the cell
     # measures what bf16's rounding of G does to the export
     "xpert_bf16grad": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                        "prune.masked_grad_dtype=bfloat16", "prune.group=output", *MASKED],
