@@ -183,7 +183,9 @@ METHODS = {
     # seed noise of the comparison with the fairness twin: the shipped default and SparseGPT -> masked LoRA on 128
     # windows with another LoRA initialisation, training order (train.seed) and calibration draw (data.seed)
     # Health 50% (2026-12-07): the default 16.82 (62.2%; seed 0 16.59, 63.0%), the twin 16.71 (62.6%; seed 0
-    # 16.91, 61.8%): margin -0.4 here against +1.2 with seed 0. Health 40%: 13.35 (78.3%) against 13.42 (77.9%), +0.4
+    # 16.91, 61.8%): margin -0.4 here against +1.2 with seed 0. Health 40%: 13.35 (78.3%) against 13.42 (77.9%), +0.4.
+    # Legal 40%: validation 22.42 (87.0%) against 22.77 (85.7%), +1.3 (seed 0 +2.3); test 25.69 (77.2%) against 24.95
+    # (79.5%), -2.3 (seed 0 -1.3)
     "xpert_gradual_carry_seed1": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                   "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
                                   "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667", "train.seed=1",
