@@ -244,3 +244,31 @@ def test_another_budget_has_its_own_cells_and_table(monkeypatch):
         cells.use_budget("30")
     cells.use_budget("150")
     assert (cells.TABLE, cells.CACHE) == (table_150, cache_150)
+
+
+def test_a_finished_cell_keeps_its_export_not_its_checkpoints(tmp_path, monkeypatch):
+    """launch(): once the run wrote results.json the cell never resumes, so its checkpoints are removed (they
+    filled this machine's disk at ~2.8 GB a cell); a failed run keeps them to resume from."""
+    import json
+
+    import run
+
+    out = tmp_path / "health-x-s40"
+
+    def fake_run(ok):
+        def call(cmd, **kw):
+            (out / "checkpoints" / "step-00000025").mkdir(parents=True, exist_ok=True)
+            (out / "model").mkdir(exist_ok=True)
+            if ok:
+                (out / "results.json").write_text(json.dumps({"metrics": {"perplexity": 12.0}}))
+            return 0 if ok else 1
+        return call
+
+    monkeypatch.setattr(run.subprocess, "call", fake_run(False))
+    assert run.launch("health-x-s40", out, "health", [], tmp_path) is None
+    assert (out / "checkpoints" / "step-00000025").is_dir()
+    monkeypatch.setattr(run.subprocess, "call", fake_run(True))
+    res = run.launch("health-x-s40", out, "health", [], tmp_path)
+    assert res["metrics"] == {"perplexity": 12.0} and res["wall_s"] >= 0
+    assert not (out / "checkpoints").exists() and (out / "model").is_dir()
+    assert json.loads((out / "results.json").read_text())["wall_s"] == res["wall_s"]
