@@ -272,3 +272,21 @@ def test_a_finished_cell_keeps_its_export_not_its_checkpoints(tmp_path, monkeypa
     assert res["metrics"] == {"perplexity": 12.0} and res["wall_s"] >= 0
     assert not (out / "checkpoints").exists() and (out / "model").is_dir()
     assert json.loads((out / "results.json").read_text())["wall_s"] == res["wall_s"]
+
+
+def test_no_time_ratio_for_a_resumed_cell(tmp_path, monkeypatch):
+    """A resumed run's times cover its last sitting only: the row keeps its retention but shows no time ratio, and
+    the table names it; results written before ``timed_from_step`` are recognised by their shorter step_seconds."""
+    monkeypatch.setattr(report, "OUT", tmp_path)
+    whole = {**cell(12.5, 10.0, 0.57), "step_seconds": [[i, 1.0] for i in range(1, 5)],
+             "config": {"prune": {"sparsity": 0.4}, "train": {"max_steps": 4}}}
+    resumed = {**whole, "timed_from_step": 2, "step_seconds": [[3, 1.0], [4, 1.0]]}
+    older = {**whole, "step_seconds": [[3, 1.0], [4, 1.0]]}  # no timed_from_step field
+    table = report.summarise({"health-dense_lora": cell(10.0, 8.0, 0.60), "health-a-s40": whole,
+                              "health-b-s40": resumed, "health-c-s40": older})
+    assert table["health-a-s40"]["time_vs_lora"] == pytest.approx(1.0) and not table["health-a-s40"]["timed_in_part"]
+    for name in ("health-b-s40", "health-c-s40"):
+        assert table[name]["time_vs_lora"] is None and table[name]["cpu_time_vs_lora"] is None
+        assert table[name]["valid_retention"] == pytest.approx(0.8)
+    md = report.markdown(table)
+    assert "resumed from a checkpoint" in md and "health-b-s40, health-c-s40." in md

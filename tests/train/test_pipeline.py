@@ -49,6 +49,7 @@ def test_export_reloads_with_exact_sparsity(tmp_path):
     assert "perplexity" in " ".join(res["metrics"])
     assert len(res["loss_history"]) == 6 and res["prune_steps"] == [3]
     assert [k for k, _ in res["step_seconds"]] == list(range(1, 7)) and all(s > 0 for _, s in res["step_seconds"])
+    assert res["timed_from_step"] == 0
 
 
 def test_ema_offloaded_to_disk_gives_the_same_run_and_cleans_up(tmp_path):
@@ -95,6 +96,8 @@ def test_resume_after_interrupt_gives_identical_masks(tmp_path, monkeypatch):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
     assert [s for s, _ in res["loss_history"]] == list(range(1, 7))
     assert res["loss_history"] == ref["loss_history"]
+    # the resumed process timed steps 5-6 only, and says so (bench/method_table/report.py then shows no time ratio)
+    assert res["timed_from_step"] == 4 and [k for k, _ in res["step_seconds"]] == [5, 6]
 
 
 def test_resumed_run_keeps_the_draw_and_the_carried_xtx(tmp_path, monkeypatch):

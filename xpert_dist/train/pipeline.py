@@ -130,7 +130,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     model = engine.module
 
     state = checkpoint.resume(out, model, engine, pruner, ctx, cfg)
-    step = state.get("step", 0)
+    step = resumed_at = state.get("step", 0)
     distill.check_resume(cfg.prune, plan.steps[0] if plan.steps else None, step)
     if plan.frozen_before(step):  # the final mask was chosen before training (or before the resume point)
         pruner.freeze(model)
@@ -204,6 +204,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     # wall seconds per optimizer step this process ran (a resumed run: those after the resume point), so that a
     # benchmark can split training into its dense-adapter and masked-adapter phases (bench/method_table/timing.py)
     results["step_seconds"] = step_seconds
+    results["timed_from_step"] = resumed_at  # 0, or the resume point: the timings above cover the steps after it
     # only the exported checkpoint is evaluated: drop the training copy first (lower evaluation peak)
     del model, engine
     gc.collect()
