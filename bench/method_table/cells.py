@@ -198,7 +198,8 @@ METHODS = {
     # Health 40% (2026-12-07): validation 13.235 (79.04%) against the default's 13.242, PubMedQA 0.480 (0.487);
     # training CPU time 866 s against 999 s (cells run at different moments). Legal 40%: validation 22.08 (88.4%)
     # against 22.15 (88.1%), test 25.71 against 25.73, CaseHOLD 0.135 both; training CPU 834 s against 1,065 s
-    # Health 50%: validation 16.58 (63.1%) against 16.59 (63.0%), PubMedQA 0.543 (0.535); training CPU 814 s against 1,029 s
+    # Health 50%: validation 16.58 (63.1%) against 16.59 (63.0%), PubMedQA 0.543 (0.535); training CPU 814 s vs 1,029 s.
+    # Legal 50%: validation 25.82 (75.6%) against 25.96 (75.2%), test 33.20 against 33.25; training CPU 823 s vs 1,021 s
     "xpert_gradual_carry_ste": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                 "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
                                 "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
