@@ -169,7 +169,8 @@ METHODS = {
     # step calibrates on its own 32 windows (data.calib_sets=4: one seeded draw of 128, cut in four; step 1 gets
     # the windows the ramp alone uses) and solves with the sum of its XᵀX and every earlier step's
     # (prune.hessian_carry=1), so step 4 reconstructs with 128 windows' statistics; the ramp already pays four
-    # calibration passes, this makes them four different ones. Shipped since 2026-12-07 (README, method table)
+    # calibration passes, this makes them four different ones. Shipped 2026-12-07 (with exact masked gradients, then
+    # with straight-through ones: xpert_gradual_carry_ste)
     "xpert_gradual_carry": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
                             "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4", "prune.hessian_carry=1.0",
                             "prune.mask_final=fraction:0.667"],
@@ -200,6 +201,7 @@ METHODS = {
     # against 22.15 (88.1%), test 25.71 against 25.73, CaseHOLD 0.135 both; training CPU 834 s against 1,065 s
     # Health 50%: validation 16.58 (63.1%) against 16.59 (63.0%), PubMedQA 0.543 (0.535); training CPU 814 s vs 1,029 s.
     # Legal 50%: validation 25.82 (75.6%) against 25.96 (75.2%), test 33.20 against 33.25; training CPU 823 s vs 1,021 s
+    # Level or ahead in all four cells: what the domain and cluster configs ship since 2026-12-07 (xpert_default's twin)
     "xpert_gradual_carry_ste": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                 "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
                                 "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",

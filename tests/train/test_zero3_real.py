@@ -226,7 +226,8 @@ def test_zero3_smollm2_end_to_end(tmp_path):
               "eval.perplexity_windows=32", "eval.perplexity_seq_len=64", "prune.offload=none",
               # the shipped default's pruning (configs/default_health.yaml: ForeSight, OBS reconstruction of the
               # kept base weights from the rank-summed full XᵀX, LR rewinding, prune_steps=4 on the cubic ramp with
-              # the mask final at 2/3 of training); no base-model evaluation
+              # the mask final at 2/3 of training, the last step training the adapter masked with straight-through
+              # gradients, prune.masked_grad); no base-model evaluation
               "eval.base_reference=false"]
     ref = _run("python", 1, tmp_path / "single", common)
     # at 3 optimizer steps the shipped ramp is two prune steps (before steps 1 and 2; the mask final at
