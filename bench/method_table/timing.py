@@ -67,23 +67,28 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             row["cpu_vs_lora"] = row["cpu_s"] / base["cpu_s"]
             row["peak_rss_vs_lora"] = row["peak_rss_train_prune_mb"] / base["peak_rss_train_prune_mb"]
         if method != "dense_lora" and runs.get("dense_lora"):
-            last_prune = (runs[method][0].get("prune_steps") or [0])[-1]
-            row["phases"] = phases(runs[method], runs["dense_lora"], last_prune)
+            row["phases"] = phases(runs[method], runs["dense_lora"], runs[method][0].get("prune_steps") or [])
     return out
 
 
-def phases(rs: list[dict], lora: list[dict], boundary: int) -> dict | None:
-    """Training wall seconds (medians over repeats) of the optimizer steps up to the method's last in-loop prune
-    step (``boundary``: the adapter trains dense) and after it (masked, where the mask becomes final there), for
-    the method and for plain LoRA over the same steps; None where a run recorded no per-step times."""
+def phases(rs: list[dict], lora: list[dict], prune_steps: list[int]) -> dict | None:
+    """Training wall seconds (medians over repeats) of the method's optimizer steps in three phases, and of
+    plain LoRA's over the same steps: ``unpruned`` (up to the first in-loop prune step: the same work as plain
+    LoRA's, so its ratio is the control, how far the machine's speed differed between the runs), ``dense``
+    (up to the last in-loop prune step: dense adapter on the pruned base, again LoRA's work) and ``masked``
+    (after it: the masked adapter, where the mask becomes final there). A prune step listed as ``k`` runs after
+    ``k`` optimizer steps. None where the run has no in-loop prune step or a run recorded no per-step times."""
     def span(r: dict, lo: int, hi: int) -> float:
         return sum(sec for k, sec in r["step_seconds"] if lo <= k <= hi)
 
-    if not boundary or not all(r.get("step_seconds") for r in rs + lora):
+    if not prune_steps or not all(r.get("step_seconds") for r in rs + lora):
         return None
     steps = len(rs[0]["step_seconds"])
     out = {}
-    for label, lo, hi in (("before", 1, boundary), ("after", boundary + 1, steps)):
+    for label, lo, hi in (("unpruned", 1, prune_steps[0]), ("dense", prune_steps[0] + 1, prune_steps[-1]),
+                          ("masked", prune_steps[-1] + 1, steps)):
+        if lo > hi:
+            continue
         m, b = (statistics.median(span(r, lo, hi) for r in x) for x in (rs, lora))
         out[label] = {"steps": [lo, hi], "method_s": m, "lora_s": b, "vs_lora": m / b if b else None}
     return out
@@ -103,14 +108,16 @@ def markdown(s: dict, args) -> str:
                      f"{', '.join(f for f in r['finished'] if f)} |")
     split = [(m, r["phases"]) for m, r in s.items() if r.get("phases")]
     if split:
-        lines += ["", "Training time by phase (prune steps excluded): the optimizer steps up to the method's last in-loop "
-                  "prune step (dense adapter on the pruned base) and after it (the masked adapter, where the mask "
-                  "became final there), against plain LoRA over the same steps.", "",
-                  "| run | steps | run s | LoRA s | / LoRA | steps | run s | LoRA s | / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Training time by phase (prune steps excluded), against plain LoRA over the same steps: up to the "
+                  "first in-loop prune step (unpruned: the same work as plain LoRA's, so its ratio is the control for "
+                  "how the machine's speed differed between the runs), up to the last one (dense adapter on the pruned "
+                  "base: again plain LoRA's work) and after it (the masked adapter, where the mask became final "
+                  "there).", "",
+                  "| run | phase | steps | run s | LoRA s | / LoRA |", "|---|---|---|---|---|---|"]
         for m, ph in split:
-            cells = [f"{p['steps'][0]}-{p['steps'][1]} | {p['method_s']:.1f} | {p['lora_s']:.1f} | {p['vs_lora']:.3f}×"
-                     for p in (ph["before"], ph["after"])]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            for label, p in ph.items():
+                lines.append(f"| {m} | {label} | {p['steps'][0]}-{p['steps'][1]} | {p['method_s']:.1f} | "
+                             f"{p['lora_s']:.1f} | {p['vs_lora']:.3f}× |")
     return "\n".join(lines) + "\n"
 
 

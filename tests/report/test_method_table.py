@@ -180,16 +180,20 @@ def test_parse_cell_name_inverts_cell_name():
                 assert parse_cell_name(cell_name(domain, method, sparsity)) == want
 
 
-def test_timing_phases_split_training_at_the_last_prune_step():
-    """Hand-computed: steps 1-2 before the last in-loop prune step, 3-4 after it."""
+def test_timing_phases_split_training_at_the_prune_steps():
+    """Hand-computed: prune steps after steps 1 and 3: step 1 unpruned (the control), 2-3 dense adapter on the pruned
+    base, 4-5 masked; with a single prune step there is no dense phase."""
     import timing
 
-    rs = [{"step_seconds": [[1, 1.0], [2, 2.0], [3, 3.0], [4, 4.0]], "prune_steps": [2]}]
-    lora = [{"step_seconds": [[1, 1.0], [2, 1.0], [3, 1.0], [4, 1.0]]}]
-    ph = timing.phases(rs, lora, 2)
-    assert ph["before"] == {"steps": [1, 2], "method_s": 3.0, "lora_s": 2.0, "vs_lora": 1.5}
-    assert ph["after"] == {"steps": [3, 4], "method_s": 7.0, "lora_s": 2.0, "vs_lora": 3.5}
-    assert timing.phases(rs, [{"loss_history": []}], 2) is None  # a run from before per-step times: no split
+    rs = [{"step_seconds": [[1, 1.0], [2, 2.0], [3, 3.0], [4, 4.0], [5, 5.0]], "prune_steps": [1, 3]}]
+    lora = [{"step_seconds": [[1, 1.0], [2, 1.0], [3, 1.0], [4, 1.0], [5, 2.0]]}]
+    ph = timing.phases(rs, lora, [1, 3])
+    assert ph["unpruned"] == {"steps": [1, 1], "method_s": 1.0, "lora_s": 1.0, "vs_lora": 1.0}
+    assert ph["dense"] == {"steps": [2, 3], "method_s": 5.0, "lora_s": 2.0, "vs_lora": 2.5}
+    assert ph["masked"] == {"steps": [4, 5], "method_s": 9.0, "lora_s": 3.0, "vs_lora": 3.0}
+    assert list(timing.phases(rs, lora, [3])) == ["unpruned", "masked"]
+    assert timing.phases(rs, lora, []) is None  # no in-loop prune step: nothing to split
+    assert timing.phases(rs, [{"loss_history": []}], [1, 3]) is None  # a run from before per-step times: no split
 
 
 def test_figure_values_and_png(table, tmp_path):
