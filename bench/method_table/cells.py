@@ -206,6 +206,12 @@ METHODS = {
                                 "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
                                 "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
                                 "prune.masked_grad=straight_through"],
+    # seed noise of what ships (straight-through masked gradients) against the fairness twin's second seed
+    # (sparsegpt_masked_lora_c128_seed1), paired as xpert_gradual_carry_seed1 is for the exact-gradient default
+    "xpert_gradual_carry_ste_seed1": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                      "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
+                                      "data.calib_sets=4", "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
+                                      "prune.masked_grad=straight_through", "train.seed=1", "data.seed=1"],
     # the control for gradual pruning: the same four prune steps (25, 50, 75, 100) and rewinds, each to the full
     # target (no ramp): separates the ramp from the extra prune steps and rewinds
     "xpert_every25": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true", "prune.group=output",
