@@ -67,12 +67,11 @@ def main() -> int:
         lines.append(f"| {name} | {ppl:.3f} | {base / ppl:.1%} |" if base else f"| {name} | {ppl:.3f} | – |")
     if missing:
         lines += ["", "Not on this machine (no exported model in the cache): " + ", ".join(missing) + "."]
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
     cells.OUT.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out_json, json.dumps({"windows": args.windows, "rows": rows}, indent=2) + "\n"),
-                       (cells.OUT / "general_ppl.md", "\n".join(lines) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic_write_json(out_json, {"windows": args.windows, "rows": rows})
+    atomic_write_text(cells.OUT / "general_ppl.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
