@@ -43,6 +43,10 @@ def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
     return {**res, "finished": _finished(out)}
 
 
+def _time(r: dict) -> float:
+    return r["timing"]["train_s"] + r["timing"]["prune_s"]
+
+
 def summary(runs: dict[str, list[dict]]) -> dict:
     def med(rs, key):
         return statistics.median(key(r) for r in rs)
@@ -53,7 +57,7 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             "runs": len(rs),
             "train_s": med(rs, lambda r: r["timing"]["train_s"]),
             "prune_s": med(rs, lambda r: r["timing"]["prune_s"]),
-            "time_s": med(rs, lambda r: r["timing"]["train_s"] + r["timing"]["prune_s"]),
+            "time_s": med(rs, _time),
             "cpu_s": med(rs, lambda r: r["timing"]["train_cpu_s"] + r["timing"]["prune_cpu_s"]),
             "peak_rss_train_prune_mb": med(rs, table._train_peak),
             "prune_steps": len(rs[0].get("prune_reports", [])),
@@ -68,6 +72,11 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             row["peak_rss_vs_lora"] = row["peak_rss_train_prune_mb"] / base["peak_rss_train_prune_mb"]
         if method != "dense_lora" and runs.get("dense_lora"):
             row["phases"] = phases(runs[method], runs["dense_lora"], runs[method][0].get("prune_steps") or [])
+            # each sitting's own ratios (run k against plain LoRA's run k), beside the ratio of the medians
+            row["by_sitting"] = [
+                {"time_vs_lora": _time(r) / _time(b), "peak_rss_vs_lora": table._train_peak(r) / table._train_peak(b),
+                 "phases": phases([r], [b], r.get("prune_steps") or [])}
+                for r, b in zip(runs[method], runs["dense_lora"])]
     return out
 
 
@@ -106,6 +115,14 @@ def markdown(s: dict, args) -> str:
                      f"{r.get('time_vs_lora', float('nan')):.3f}× | {r.get('cpu_vs_lora', float('nan')):.3f}× | "
                      f"{r['peak_rss_train_prune_mb']:.0f} | {r.get('peak_rss_vs_lora', float('nan')):.3f}× | "
                      f"{', '.join(f for f in r['finished'] if f)} |")
+    for m, r in s.items():
+        if len(r.get("by_sitting") or []) > 1:
+            lines.append("")
+            lines.append(f"{m}, each sitting against plain LoRA's run of the same sitting: " + "; ".join(
+                f"{k + 1}: {b['time_vs_lora']:.3f}× wall, {b['peak_rss_vs_lora']:.3f}× peak RSS"
+                + ("" if not b["phases"] else ", phases " + ", ".join(
+                    f"{label} {p['vs_lora']:.3f}×" for label, p in b["phases"].items()))
+                for k, b in enumerate(r["by_sitting"])) + ".")
     split = [(m, r["phases"]) for m, r in s.items() if r.get("phases")]
     if split:
         lines += ["", "Training time by phase (prune steps excluded), against plain LoRA over the same steps: up to the "

@@ -196,6 +196,21 @@ def test_timing_phases_split_training_at_the_prune_steps():
     assert timing.phases(rs, [{"loss_history": []}], [1, 3]) is None  # a run from before per-step times: no split
 
 
+def test_timing_summary_keeps_each_sittings_ratios():
+    """Hand-computed: two sittings, the method 1.5x and 1.2x plain LoRA's run of its own sitting (medians: 1.35 / 1.0)."""
+    import timing
+
+    def run(t, rss):
+        return {"timing": {"train_s": t, "prune_s": 0.0, "train_cpu_s": t, "prune_cpu_s": 0.0},
+                "memory": {"peak_rss_mb": rss}, "loss_history": [], "finished": "x"}
+
+    s = timing.summary({"dense_lora": [run(10.0, 100.0), run(20.0, 100.0)],
+                        "m": [run(15.0, 110.0), run(24.0, 100.0)]})
+    assert s["m"]["time_vs_lora"] == pytest.approx(19.5 / 15.0)
+    assert [b["time_vs_lora"] for b in s["m"]["by_sitting"]] == pytest.approx([1.5, 1.2])
+    assert [b["peak_rss_vs_lora"] for b in s["m"]["by_sitting"]] == pytest.approx([1.1, 1.0])
+
+
 def test_figure_values_and_png(table, tmp_path):
     """The figure's bars are the validation retentions in percent (dense valid 8.0: 8/10 = 80%, 8/10.5 = 76.19%),
     one bar per run the figure names, the dense cell not among them; the PNG is written."""
