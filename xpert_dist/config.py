@@ -59,6 +59,9 @@ class ModelConfig:
     # Build a random Llama with these LlamaConfig fields instead of loading (tests, planner checks).
     tiny: dict | None = None
     max_position_embeddings: int | None = None  # read from the model when None
+    # a GGUF source is dequantised once into $XPERT_DIST_CACHE/gguf/ (a plain checkpoint in ``dtype``; later
+    # loads read it, ~1 s instead of ~30 s for SmolLM2); false: dequantise the GGUF file at every load
+    gguf_cache: bool = True
 
 
 @dataclass

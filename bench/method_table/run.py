@@ -49,8 +49,10 @@ from report import (_train_peak, carry_over, default_twins, markdown, renamed_de
 THREADS: list[int] = []
 
 
-def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path) -> dict | None:
-    """One run of ``launchers/run.py`` in its own process (its own wall time and peak RSS); log in ``cache``."""
+def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path,
+           cpus: str | None = None) -> dict | None:
+    """One run of ``launchers/run.py`` in its own process (its own wall time and peak RSS); log in ``cache``.
+    ``cpus`` pins the process to those cores (``taskset -c``; timing.py's concurrent runs)."""
     cmd = [sys.executable, str(ROOT / "launchers" / "run.py"), "--config", str(DOMAINS[domain]), "--no-progress",
            f"name={name}", f"output_dir={out}", *overrides]
     print(f"[method_table] running {name}", flush=True)
@@ -59,7 +61,8 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # appended: a resumed cell keeps the log of its earlier sittings
         threads = {k: str(THREADS[0]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if THREADS else {}
-        rc = subprocess.call(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
+        pin = ["taskset", "-c", cpus] if cpus else []
+        rc = subprocess.call([*pin, "nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
                              env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **threads})
     if rc != 0 and "was written by a different run config" in log.read_text()[-4000:] and (out / "checkpoints").is_dir():
         # the code's config grew fields since this cell checkpointed: its checkpoint cannot resume, start afresh
@@ -67,7 +70,7 @@ def launch(name: str, out: Path, domain: str, overrides: list[str], cache: Path)
 
         print(f"[method_table] {name}: checkpoint from another config version, restarting the cell", flush=True)
         shutil.rmtree(out)
-        return launch(name, out, domain, overrides, cache)
+        return launch(name, out, domain, overrides, cache, cpus)
     if rc != 0:
         print(f"[method_table] {name} failed (rc {rc}); see {log}", flush=True)
         return None

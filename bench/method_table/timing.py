@@ -2,22 +2,34 @@
 """Time and peak memory of EfficientXpert against plain LoRA, measured side by side on a quiet machine.
 
     python bench/method_table/timing.py [--repeats 2] [--method xpert_default[,OTHER...]] [--domain health]
+    python bench/method_table/timing.py --concurrent --method xpert_default   # LoRA and the method at once
 
 The method table's cells also record time and memory, but they run for hours while other work shares
 the CPU, so their wall and even CPU times drift by 2x between cells. Here the runs alternate
 (LoRA, EfficientXpert method(s), LoRA, ...) with the method table's budget and data and without evaluation (which
 is identical work for both), so they see the same conditions; the ratio of medians is reported.
+On a machine whose speed drifts within the hour, alternating is not enough (plain LoRA took 862 s and 1,336 s in
+two sittings here); ``--concurrent`` starts each repeat's runs at the same moment, each pinned to its own core with
+one torch thread, so they share whatever the machine does, and rotates the cores between repeats so that a faster
+core favours no run. Its steps before the first prune step (the same work in both runs) are the control: their
+ratio is ~1.00x when the two cores gave the same speed. The run that finishes first leaves its partner the memory
+bandwidth for the rest (the partner's tail is uncontended): a bias in the slower run's favour, of at most the
+contention's share of its last steps.
 Cached per run like the method table: a later invocation with one more ``--method`` runs only that one
-(the table's ``finished`` column says when each run ended, so runs of different sittings are told apart).
+(the table's ``finished`` column says when each run ended, so runs of different sittings are told apart); a
+concurrent repeat with one run missing runs again as a whole, so its runs are always each other's partners.
 Writes ``bench/results/timing.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,16 +43,43 @@ def _finished(out: Path) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime((out / "results.json").stat().st_mtime))
 
 
-def run_once(domain: str, method: str, sparsity: float, k: int) -> dict:
-    name = f"{domain}-{method}-s{int(round(sparsity * 100))}-r{k}"
-    out = CACHE / name
+def _name(domain: str, method: str, sparsity: float, k: int) -> str:
+    return f"{domain}-{method}-s{int(round(sparsity * 100))}-r{k}"
+
+
+def run_once(domain: str, method: str, sparsity: float, k: int, cache: Path = CACHE, cpus: str | None = None) -> dict:
+    name = _name(domain, method, sparsity, k)
+    out = cache / name
     if (out / "results.json").is_file():
         return {**json.loads((out / "results.json").read_text()), "finished": _finished(out)}
     res = table.launch(name, out, domain, [f"prune.sparsity={sparsity}", *table.cells.BUDGET, *table.METHODS[method],
-                                           *table.MODEL, *NO_EVAL], CACHE)
+                                           *table.MODEL, *NO_EVAL], cache, cpus)
     if res is None:
-        raise SystemExit(f"[timing] {name} failed; see {CACHE / f'{name}.log'}")
+        raise SystemExit(f"[timing] {name} failed; see {cache / f'{name}.log'}")
     return {**res, "finished": _finished(out)}
+
+
+def core_plan(methods: list[str], cores: list[int], k: int) -> dict[str, str]:
+    """The core each run of concurrent repeat ``k`` is pinned to: run i on core (i + k) mod n, so that over n
+    repeats every run has had every core."""
+    if len(methods) > len(cores):
+        raise ValueError(f"{len(methods)} concurrent runs need as many cores, this process may use {len(cores)}")
+    return {m: str(cores[(i + k) % len(cores)]) for i, m in enumerate(methods)}
+
+
+def run_concurrent(domain: str, methods: list[str], sparsity: float, k: int, cores: list[int]) -> dict[str, dict]:
+    """Repeat ``k``'s runs started together, each on its own core; all from the cache when all are there, else
+    all run again (a cached run's partner must be the run it shared the machine with)."""
+    cache = CACHE / "concurrent"
+    outs = {m: cache / _name(domain, m, sparsity, k) for m in methods}
+    if not all((o / "results.json").is_file() for o in outs.values()):
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+    plan = core_plan(methods, cores, k)
+    print(f"[timing] repeat {k + 1}: " + ", ".join(f"{m} on core {c}" for m, c in plan.items()), flush=True)
+    with ThreadPoolExecutor(len(methods)) as pool:
+        futures = {m: pool.submit(run_once, domain, m, sparsity, k, cache, plan[m]) for m in methods}
+        return {m: {**f.result(), "core": int(plan[m])} for m, f in futures.items()}
 
 
 def _time(r: dict) -> float:
@@ -75,7 +114,8 @@ def summary(runs: dict[str, list[dict]]) -> dict:
             # each sitting's own ratios (run k against plain LoRA's run k), beside the ratio of the medians
             row["by_sitting"] = [
                 {"time_vs_lora": _time(r) / _time(b), "peak_rss_vs_lora": table._train_peak(r) / table._train_peak(b),
-                 "phases": phases([r], [b], r.get("prune_steps") or [])}
+                 "phases": phases([r], [b], r.get("prune_steps") or []),
+                 **({"cores": {"method": r["core"], "lora": b["core"]}} if "core" in r else {})}
                 for r, b in zip(runs[method], runs["dense_lora"])]
     return out
 
@@ -104,9 +144,11 @@ def phases(rs: list[dict], lora: list[dict], prune_steps: list[int]) -> dict | N
 
 
 def markdown(s: dict, args) -> str:
+    how = ("started together, each pinned to its own core, the cores rotated between repeats; a repeat's runs are "
+           "each other's partners" if args.concurrent else
+           "alternating within one sitting; cached runs are reused, and `finished` says when each ran")
     lines = [f"Domain {args.domain}, sparsity {args.sparsity:.0%}, budget {' '.join(table.cells.BUDGET)}; medians of "
-             f"{args.repeats} runs each (alternating within one sitting; cached runs are reused, and `finished` says when "
-             f"each ran), no evaluation, "
+             f"{args.repeats} runs each ({how}), no evaluation, "
              f"{f'{args.threads} torch thread(s)' if args.threads else 'one torch thread per core'}.", "",
              "| run | steps | prune steps | train s | prune s | wall / LoRA | CPU / LoRA | peak RSS (train+prune) MiB | "
              "peak RSS / LoRA | finished (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -118,7 +160,8 @@ def markdown(s: dict, args) -> str:
     for m, r in s.items():
         if len(r.get("by_sitting") or []) > 1:
             lines.append("")
-            lines.append(f"{m}, each sitting against plain LoRA's run of the same sitting: " + "; ".join(
+            lines.append(f"{m}, each {'repeat' if args.concurrent else 'sitting'} against plain LoRA's run of the same "
+                         f"{'repeat' if args.concurrent else 'sitting'}: " + "; ".join(
                 f"{k + 1}: {b['time_vs_lora']:.3f}× wall, {b['peak_rss_vs_lora']:.3f}× peak RSS"
                 + ("" if not b["phases"] else ", phases " + ", ".join(
                     f"{label} {p['vs_lora']:.3f}×" for label, p in b["phases"].items()))
@@ -145,8 +188,15 @@ def main() -> int:
     ap.add_argument("--method", default="xpert_default",  # the shipped EfficientXpert default
                     help="comma-separated methods of the method table, timed against dense_lora")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: one per core)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default: one per core; one with --concurrent)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="start each repeat's runs together, each pinned to its own core (drift-robust)")
     args = ap.parse_args()
+    if args.concurrent:
+        if args.threads not in (None, 1):
+            ap.error(f"--concurrent pins each run to one core: --threads must be 1, got {args.threads}")
+        args.threads = 1
     if args.threads is not None:
         if args.threads < 1:
             ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -157,17 +207,24 @@ def main() -> int:
     if unknown or not methods:
         ap.error(f"--method: unknown method(s) {unknown or args.method!r}; see bench/method_table/cells.py")
     runs: dict[str, list[dict]] = {"dense_lora": [], **{m: [] for m in methods if m != "dense_lora"}}
+    cores = sorted(os.sched_getaffinity(0))
+    if args.concurrent and len(runs) > len(cores):
+        ap.error(f"--concurrent runs plain LoRA and {len(runs) - 1} method(s) at once: that needs {len(runs)} cores, "
+                 f"this machine gives {len(cores)}")
     for k in range(args.repeats):
-        for method in runs:
-            runs[method].append(run_once(args.domain, method, args.sparsity, k))
+        if args.concurrent:
+            for method, r in run_concurrent(args.domain, list(runs), args.sparsity, k, cores).items():
+                runs[method].append(r)
+        else:
+            for method in runs:
+                runs[method].append(run_once(args.domain, method, args.sparsity, k))
     s = summary(runs)
+    from xpert_dist.utils.atomic import atomic_write_json, atomic_write_text
+
     table.OUT.mkdir(parents=True, exist_ok=True)
     md = markdown(s, args)
-    for name, text in (("timing.json", json.dumps({"args": vars(args), "budget": table.cells.BUDGET, "summary": s},
-                                                  indent=2)), ("timing.md", md)):
-        tmp = table.OUT / f"{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(table.OUT / name)
+    atomic_write_json(table.OUT / "timing.json", {"args": vars(args), "budget": table.cells.BUDGET, "summary": s})
+    atomic_write_text(table.OUT / "timing.md", md)
     print(md)
     return 0
 

@@ -211,6 +211,42 @@ def test_timing_summary_keeps_each_sittings_ratios():
     assert [b["peak_rss_vs_lora"] for b in s["m"]["by_sitting"]] == pytest.approx([1.1, 1.0])
 
 
+def test_concurrent_timing_rotates_cores_and_reruns_a_broken_pair(tmp_path, monkeypatch):
+    """--concurrent: repeat k pins run i to core (i + k) mod n (hand-computed for two runs on cores 0 and 3), more
+    runs than cores is refused, and a repeat with one cached run and one missing runs both again together (a
+    run's partner must be the run it shared the machine with), while a whole cached pair launches nothing."""
+    import json as _json
+
+    import timing
+
+    assert timing.core_plan(["dense_lora", "m"], [0, 3], 0) == {"dense_lora": "0", "m": "3"}
+    assert timing.core_plan(["dense_lora", "m"], [0, 3], 1) == {"dense_lora": "3", "m": "0"}
+    with pytest.raises(ValueError, match="need as many cores"):
+        timing.core_plan(["dense_lora", "m", "n"], [0, 1], 0)
+
+    monkeypatch.setattr(timing, "CACHE", tmp_path)
+    launched = []
+
+    def fake_launch(name, out, domain, overrides, cache, cpus=None):
+        launched.append((name, cpus))
+        out.mkdir(parents=True)
+        res = {"timing": {"train_s": 1.0, "prune_s": 0.0}}
+        (out / "results.json").write_text(_json.dumps(res))
+        return res
+
+    monkeypatch.setattr(timing.table, "launch", fake_launch)
+    lone = tmp_path / "concurrent" / "health-xpert_default-s40-r0"  # the method's run of repeat 0 cached, its partner missing
+    lone.mkdir(parents=True)
+    (lone / "results.json").write_text(_json.dumps({"timing": {"train_s": 9.0, "prune_s": 0.0}}))
+    got = timing.run_concurrent("health", ["dense_lora", "xpert_default"], 0.4, 0, [0, 1])
+    assert sorted(launched) == [("health-dense_lora-s40-r0", "0"), ("health-xpert_default-s40-r0", "1")]
+    assert got["xpert_default"]["timing"]["train_s"] == 1.0  # the lone run was replaced
+    assert got["xpert_default"]["core"] == 1
+    launched.clear()
+    timing.run_concurrent("health", ["dense_lora", "xpert_default"], 0.4, 0, [0, 1])
+    assert launched == []  # the pair is cached as a pair
+
+
 def test_figure_values_and_png(table, tmp_path):
     """The figure's bars are the validation retentions in percent (dense valid 8.0: 8/10 = 80%, 8/10.5 = 76.19%),
     one bar per run the figure names, the dense cell not among them; the PNG is written."""

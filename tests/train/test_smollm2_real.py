@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xpert_dist.config import ModelConfig, config_from_dict
-from xpert_dist.models.loading import load_model, load_tokenizer
+from xpert_dist.models.loading import gguf_plain_copy, load_model, load_tokenizer
 from xpert_dist.train import pipeline
 from xpert_dist.train.export import load_masks
 
@@ -19,8 +19,22 @@ pytestmark = pytest.mark.slow
 
 
 def test_packaged_smollm2_loads_and_predicts_english():
+    """Read through the dequantised copy (model.gguf_cache, made here or by an earlier test of this session), the
+    model is transformers' own GGUF dequantisation exactly (the oracle: the GGUF file read with the cache off):
+    every tensor, the tokenizer's ids and special tokens; and it predicts English."""
     model = load_model(ModelConfig(name_or_path="smollm2"))
     tok = load_tokenizer(ModelConfig(name_or_path="smollm2"))
+    copy = gguf_plain_copy(ModelConfig(name_or_path="smollm2"), create=False)
+    assert copy is not None and (copy / "model.safetensors").is_file()
+    ref = load_model(ModelConfig(name_or_path="smollm2", gguf_cache=False))
+    ref_tok = load_tokenizer(ModelConfig(name_or_path="smollm2", gguf_cache=False))
+    a, b = model.state_dict(), ref.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    probe = "Patient: <|im_start|>user\nWhat is naïve T-cell count?<|im_end|>\n 2028\u2028 end"
+    assert tok(probe)["input_ids"] == ref_tok(probe)["input_ids"]
+    assert (tok.eos_token, tok.bos_token, tok.pad_token, len(tok)) == \
+        (ref_tok.eos_token, ref_tok.bos_token, ref_tok.pad_token, len(ref_tok))
+    del ref
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.vocab_size) == ("llama", 30, 576, 9, 3, 49152)

@@ -78,9 +78,16 @@ def test_partitioned_load_equals_single_process(random_llama):
 
 
 def test_partitioned_load_smollm2_gguf():
-    """transformers dequantises a GGUF file into a plain model: zero.Init does not apply to it (each rank
-    holds the full model until deepspeed.initialize partitions it); the weights must still be exact."""
-    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300, partitioned=False)
+    """Read from the GGUF file (model.gguf_cache=false), transformers dequantises it into a plain model:
+    zero.Init does not apply to it (each rank holds the full model until deepspeed.initialize partitions it).
+    Read through its dequantised copy (the default; the pipeline makes the copy before zero.Init), the load is
+    partitioned like any plain folder's. Both give the single-process load's weights exactly."""
+    from xpert_dist.config import ModelConfig
+    from xpert_dist.models.loading import gguf_plain_copy
+
+    _check_partitioned_load({"name_or_path": "smollm2", "gguf_cache": False}, timeout=300, partitioned=False)
+    assert gguf_plain_copy(ModelConfig(name_or_path="smollm2")) is not None
+    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300, partitioned=True)
 
 
 def _env():

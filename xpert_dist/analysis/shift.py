@@ -87,8 +87,8 @@ class ShiftAnalysis:
         m = self.cfg.model
         if m.tiny is None:
             source, gguf = loading.resolve_source(m)
-            if gguf:
-                target = self.cache / "base_model"
+            if gguf:  # the loader's dequantised copy (model.gguf_cache), else one of this analysis' own
+                target = loading.gguf_plain_copy(m) or self.cache / "base_model"
                 if not (target / "config.json").is_file():
                     log.info("materialising %s/%s as %s (once)", source, gguf, target)
                     loading.save_plain_checkpoint(loading.load_model(m), loading.load_tokenizer(m), target)

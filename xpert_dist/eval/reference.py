@@ -19,11 +19,11 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 from pathlib import Path
 
 from ..config import RunConfig
 from ..utils.atomic import atomic_write_json
+from ..utils.cache import cache_root
 from ..utils.jsonfile import read_json
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,7 @@ log = logging.getLogger(__name__)
 
 def cache_dir(cfg: RunConfig) -> Path:
     """``eval.cache_dir``, else ``$XPERT_DIST_CACHE``, else ``$XDG_CACHE_HOME/xpert_dist`` (``~/.cache``)."""
-    if cfg.eval.cache_dir:
-        return Path(cfg.eval.cache_dir)
-    if os.environ.get("XPERT_DIST_CACHE"):
-        return Path(os.environ["XPERT_DIST_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "xpert_dist"
+    return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else cache_root()
 
 
 def base_key_fields(cfg: RunConfig) -> dict:

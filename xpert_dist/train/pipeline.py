@@ -91,6 +91,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     set_threads(cfg.train)
     torch.manual_seed(cfg.train.seed)
 
+    # a GGUF source is dequantised once into a plain copy (model.gguf_cache), here before zero.Init (a model built
+    # under it would be partitioned); the load below then reads the copy, partitioned under ZeRO-3 like any folder
+    loading.gguf_plain_copy(cfg.model)
     # under ZeRO-3 the model is built partitioned; zero.Init is active for this load only
     with partitioned_loading(ds if cfg.model.tiny is None else None):
         model = loading.load_model(cfg.model, seed=cfg.train.seed)
