@@ -185,7 +185,7 @@ def goals(table: dict) -> list[str]:
         # the side-by-side run of what ships: timed as ``xpert_default`` or as the cell it is a twin of
         shipped_as = ["xpert_default"] + ([parse_cell_name(default["twin_of"])[1]] if default and default.get("twin_of") else [])
         side_by_side = _timing_pair(domain, pct, shipped_as)
-        if side_by_side:  # the quiet, alternating measurement replaces the cells' drifting timings
+        if side_by_side:  # the side-by-side measurement (alternating or concurrent) replaces the cells' drifting timings
             timed = side_by_side["method"]
             row.update(time_vs_lora=side_by_side["time_vs_lora"], cpu_time_vs_lora=side_by_side["cpu_vs_lora"],
                        train_peak_rss_vs_lora=side_by_side["peak_rss_vs_lora"])

@@ -133,3 +133,26 @@ def test_plain_tensors_round_trip_and_are_not_statistics(kind, tmp_path):
         assert torch.equal(StatsStore.load_directory(tmp_path / "s").get_tensor("layers.0.q_proj"), t)
     with pytest.raises(StatsStoreError, match="expected a tensor"):
         store.put_tensor("x", [1.0])
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_scratch_store_skips_fsync_and_round_trips(durable, tmp_path, monkeypatch):
+    """durable=False (the pruner's scratch between prune steps) writes no fsync at all; durable (the default)
+    fsyncs data, metadata and the directory on every put; both read back bit-identically, under the final names."""
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    store = StatsStore("disk", tmp_path, durable=durable)
+    t = sample().sum
+    store.put_tensor("model.layers.0.mlp.down_proj", t)
+    store.put_tensor("model.layers.0.mlp.down_proj", t + 1)  # replaced in place
+    assert len(calls) == (6 if durable else 0)
+    assert torch.equal(store.get_tensor("model.layers.0.mlp.down_proj"), t + 1)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_pruner_scratch_stores_are_not_durable(tmp_path):
+    from xpert_dist.prune.pruner import Pruner
+
+    pr = Pruner(PruneConfig(offload="disk"), work_dir=str(tmp_path))
+    assert (pr.ema.durable, pr.hessians.durable) == (False, False)

@@ -60,12 +60,12 @@ def _single_process_digests(model_cfg: dict) -> dict[str, str]:
     return param_digests(model, lambda _ps: contextlib.nullcontext())
 
 
-def _check_partitioned_load(model_cfg: dict, timeout: float, partitioned: bool):
+def _check_partitioned_load(model_cfg: dict, timeout: float, partitioned: bool, want: dict | None = None):
     from tests.distributed.harness import ok, run_ranks
     from tests.distributed.zero3_load_workers import load_partitioned
 
     res = ok(run_ranks(load_partitioned, 2, model_cfg, str(ZERO3), timeout=timeout))
-    want = _single_process_digests(model_cfg)
+    want = want or _single_process_digests(model_cfg)
     for rank, r in res.items():
         assert r["inside"] is True and r["after"] is False, (rank, r["inside"], r["after"])
         assert r["partitioned"] is partitioned, f"rank {rank}: partitioned at load: {r['partitioned']}"
@@ -81,13 +81,16 @@ def test_partitioned_load_smollm2_gguf():
     """Read from the GGUF file (model.gguf_cache=false), transformers dequantises it into a plain model:
     zero.Init does not apply to it (each rank holds the full model until deepspeed.initialize partitions it).
     Read through its dequantised copy (the default; the pipeline makes the copy before zero.Init), the load is
-    partitioned like any plain folder's. Both give the single-process load's weights exactly."""
+    partitioned like any plain folder's. Both give the single-process load's weights exactly (one single-process
+    load, through the copy: that it is the GGUF file's dequantisation bit for bit is
+    tests/train/test_smollm2_real.py::test_packaged_smollm2_loads_and_predicts_english)."""
     from xpert_dist.config import ModelConfig
     from xpert_dist.models.loading import gguf_plain_copy
 
-    _check_partitioned_load({"name_or_path": "smollm2", "gguf_cache": False}, timeout=300, partitioned=False)
     assert gguf_plain_copy(ModelConfig(name_or_path="smollm2")) is not None
-    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300, partitioned=True)
+    want = _single_process_digests({"name_or_path": "smollm2"})
+    _check_partitioned_load({"name_or_path": "smollm2", "gguf_cache": False}, timeout=300, partitioned=False, want=want)
+    _check_partitioned_load({"name_or_path": "smollm2"}, timeout=300, partitioned=True, want=want)
 
 
 def _env():

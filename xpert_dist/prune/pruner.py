@@ -95,8 +95,9 @@ class Pruner:
                 raise ConfigError("prune.offload=disk needs prune.offload_dir (or a run output directory)")
             ema_dir = f"{base}/ema-rank{self.ctx.rank}"
             hessian_dir = f"{base}/hessian-rank{self.ctx.rank}"
-        self.ema = StatsStore(kind, ema_dir)  # smoothed scores between prune steps
-        self.hessians = StatsStore(kind, hessian_dir)  # prune.hessian_carry: the carried XᵀX per input group
+        # scratch between prune steps, not fsynced: a resumed run restores both from its checkpoint (state_dict)
+        self.ema = StatsStore(kind, ema_dir, durable=False)  # smoothed scores between prune steps
+        self.hessians = StatsStore(kind, hessian_dir, durable=False)  # prune.hessian_carry: carried XᵀX per group
         self.masks = MaskStore()  # latest kept masks, bit-packed on the host
         self.reports: list[StepReport] = []
 

@@ -9,7 +9,9 @@
   loaded when touched, private mapping: writes to the returned tensor never reach the file).
   Written crash-safely: data and metadata go to temporary names, are fsynced, then renamed; a put
   that fails (I/O error, full disk) removes its temporary files, so a key is either fully stored or
-  absent.
+  absent. ``durable=False`` skips the fsyncs (still temporary names, then renamed): for scratch that
+  no restart reads (the pruner's smoothed scores and carried XᵀX: a resumed run restores them from its
+  checkpoint), where an fsync only waits for the disk.
 
 ``budget_bytes`` bounds the bytes held by the store (all kinds); a put that would exceed it raises
 :class:`StatsStoreError` naming the key, the budget and the location, before anything is written.
@@ -58,12 +60,13 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 class StatsStore:
     def __init__(self, kind: str = "memory", directory: str | os.PathLike | None = None,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, durable: bool = True):
         if kind not in KINDS:
             raise StatsStoreError(f"statistics store kind {kind!r} is not one of {', '.join(KINDS)}")
         if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes < 0):
             raise StatsStoreError(f"statistics store budget_bytes={budget_bytes!r} must be a non-negative integer")
         self.kind = kind
+        self.durable = durable
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self._items: dict[str, _Entry] = {}
@@ -158,18 +161,21 @@ class StatsStore:
             with open(tmp_data, "wb") as f:
                 f.write(memoryview(raw))
                 f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    os.fsync(f.fileno())
             with open(tmp_meta, "w") as f:
                 json.dump(info, f)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    os.fsync(f.fileno())
             os.replace(tmp_data, path)
             os.replace(tmp_meta, meta)  # the metadata file is the commit record
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if self.durable:
+                dfd = os.open(self.directory, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except OSError as e:
             for p in (tmp_data, tmp_meta):
                 try:
