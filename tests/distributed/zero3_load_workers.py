@@ -46,3 +46,36 @@ def load_partitioned(rank, world, model_cfg: dict, ds_path: str):
     dist.barrier()
     return {"inside": inside, "after": after, "partitioned": partitioned, "digests": digests,
             "built_alone": built_alone}
+
+
+def save_plain_on_every_rank(rank, world, folder: str):
+    """Each rank of an initialised gloo group writes a plain checkpoint of the same tiny model into its own folder
+    (what gguf_plain_copy does on every rank) and reports the files written and the reloaded weights' digests."""
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from xpert_dist.config import ModelConfig
+    from xpert_dist.models.loading import ByteTokenizer, load_model, save_plain_checkpoint
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = load_model(ModelConfig(tiny={"num_hidden_layers": 1, "tie_word_embeddings": True}), seed=0)
+        target = Path(folder) / f"rank{rank}"
+
+        class Tok(ByteTokenizer):  # the stub tokenizer saves nothing; the checkpoint's own files are the question
+            def save_pretrained(self, d):
+                return None
+
+        save_plain_checkpoint(model, Tok(model.config.vocab_size), target)
+        from transformers import AutoModelForCausalLM
+
+        back = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        import contextlib
+
+        return {"files": sorted(p.name for p in target.iterdir()),
+                "digests": param_digests(back, lambda _ps: contextlib.nullcontext()),
+                "want": param_digests(model, lambda _ps: contextlib.nullcontext())}
+    finally:
+        dist.destroy_process_group()

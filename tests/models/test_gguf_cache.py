@@ -77,3 +77,17 @@ def test_a_copy_renamed_into_place_first_wins(fake_gguf, monkeypatch):
     os.utime(f, ns=(2, 2))
     with pytest.raises(OSError, match="disk full"):
         loading.gguf_plain_copy(cfg)
+
+
+def test_every_rank_of_a_process_group_writes_a_whole_copy(tmp_path):
+    """transformers' save_pretrained writes a model only on rank 0 of an initialised process group (on rank 1 it
+    wrote nothing, and the copy that rank renamed into place held a tokenizer alone: the 2-rank SLURM run failed).
+    save_plain_checkpoint writes the weights and config itself: on both ranks of a gloo group the folder holds them,
+    and reloaded with plain transformers the weights are the model's (tied embedding included)."""
+    from tests.distributed.harness import ok, run_ranks
+    from tests.distributed.zero3_load_workers import save_plain_on_every_rank
+
+    res = ok(run_ranks(save_plain_on_every_rank, 2, str(tmp_path), timeout=120))
+    for rank, r in res.items():
+        assert {"config.json", "model.safetensors"} <= set(r["files"]), (rank, r["files"])
+        assert r["digests"] == r["want"], rank

@@ -227,6 +227,20 @@ def save_plain_checkpoint(model, tokenizer, target: Path, dtype: torch.dtype = t
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
+        # safetensors and the configs' own saves, not plain.save_pretrained: transformers writes a model's files
+        # only on rank 0 of an initialised process group (silently nothing elsewhere), and every rank of a
+        # multi-rank run may make gguf_plain_copy's copy
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
+        if getattr(config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # the tie is the config's; from_pretrained re-ties it
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        plain.config.save_pretrained(tmp)
+        if getattr(plain, "generation_config", None) is not None:
+            plain.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        missing = [f for f in ("config.json", "model.safetensors") if not (tmp / f).is_file()]
+        if missing:
+            raise RuntimeError(f"save_plain_checkpoint: {', '.join(missing)} not written to {tmp}")
     return target
