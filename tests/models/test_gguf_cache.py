@@ -91,3 +91,24 @@ def test_every_rank_of_a_process_group_writes_a_whole_copy(tmp_path):
     for rank, r in res.items():
         assert {"config.json", "model.safetensors"} <= set(r["files"]), (rank, r["files"])
         assert r["digests"] == r["want"], rank
+
+
+def test_making_the_copy_leaves_the_callers_random_state_alone(fake_gguf, monkeypatch):
+    """Making the copy builds a model (random init); a run seeds before it, so the draw would shift the LoRA
+    initialisation of a machine's first run against its later ones (which find the copy). The caller's torch
+    RNG is where it was: the next draw equals the one without the copy being made."""
+    import torch
+
+    f, made = fake_gguf
+    real_save = loading.save_plain_checkpoint
+
+    def drawing_save(model, tok, target, dtype=None):
+        torch.randn(1000)  # what from_config's initialisation does
+        return real_save(model, tok, target, dtype)
+
+    monkeypatch.setattr(loading, "save_plain_checkpoint", drawing_save)
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    assert loading.gguf_plain_copy(ModelConfig(name_or_path=str(f))) is not None and len(made) == 1
+    assert torch.equal(torch.rand(3), want)

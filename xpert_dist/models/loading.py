@@ -90,7 +90,8 @@ def gguf_plain_copy(cfg: ModelConfig, *, create: bool = True) -> Path | None:
              target)
     plain = ModelConfig(name_or_path=str(path), dtype=cfg.dtype, gguf_cache=False)
     private = target.with_name(f".{target.name}.{os.getpid()}")
-    save_plain_checkpoint(load_model(plain), load_tokenizer(plain), private, dtype=DTYPES[cfg.dtype])
+    with torch.random.fork_rng(devices=[]):  # building the copy's model draws random init: not from the run's RNG
+        save_plain_checkpoint(load_model(plain), load_tokenizer(plain), private, dtype=DTYPES[cfg.dtype])
     try:
         os.rename(private, target)
     except OSError:  # another process renamed its copy first
