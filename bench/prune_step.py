@@ -1,12 +1,17 @@
 """Time one in-loop prune step of the shipped health config on SmolLM2-135M, and where its time goes.
 
-Side by side in one run, for each ``prune.calib_dtype`` (``auto``: float32 calibration forwards;
-``bfloat16``: under autocast): the first prune step (no mask yet: with ``pruned_first`` every block runs
-twice) and the second (one forward per block), at the method table's budget (32 calibration windows of
-256 tokens from the health training data, 40%). Then one more second step under cProfile, split into
-block forwards, ``XᵀX`` accumulation, the pruning maths (scores, masks, OBS reconstruction) and the
-rest. Quality beside it: agreement of the two settings' masks, and the perplexity of each pruned model
-(no training) on held-out ``health_valid`` windows.
+Side by side in one run, three settings of the shipped config (ForeSight + OBS reconstruction,
+``propagate=pruned``: every block runs a statistics forward and, once pruned, a forward that recomputes
+its outputs; the XᵀX carry): float32 calibration with every forward run whole (``shortcuts=False``, the
+reference); float32 with the shortcuts every prune step takes (``stats/sequential.py``: the statistics
+forward stops at down_proj's input, and adapters the step zeroed are skipped in the recompute), which
+must leave the same model bit for bit; and bf16-autocast forwards (``prune.calib_dtype=bfloat16``) with
+the shortcuts. Each runs two prune steps at the method table's budget (32 calibration windows of 256
+tokens from the health training data, 40%); before each, every adapter ``B`` moves by a seeded random
+step (what training between steps does), so the statistics forward meets live adapters as in a run.
+Then one more step under cProfile, split into block forwards, ``XᵀX`` accumulation, the pruning maths
+(scores, masks, OBS reconstruction) and the rest. Quality beside it: agreement of the bf16 masks with
+float32's, and the perplexity of each pruned model (no training) on held-out ``health_valid`` windows.
 
     python bench/prune_step.py [--threads 1] [--windows 32]
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,15 +39,28 @@ sys.path.insert(0, ROOT)
 from xpert_dist.config import load_config  # noqa: E402
 from xpert_dist.models import loading  # noqa: E402
 from xpert_dist.models.lora import wrap_lora  # noqa: E402
-from xpert_dist.prune.pruner import Pruner  # noqa: E402
+from xpert_dist.prune import pruner as pruner_mod  # noqa: E402
+from xpert_dist.stats import sequential  # noqa: E402
 from xpert_dist.train.data import build_train_data, calibration_batch  # noqa: E402
 from xpert_dist.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
+# (key, prune.calib_dtype, shortcuts, column label)
+SETTINGS = (("whole", "auto", False, "float32, whole forwards"), ("shortcuts", "auto", True, "float32"),
+            ("bf16", "bfloat16", True, "bf16 autocast"))
 
 
 def _cum(stats: pstats.Stats, suffix: str, name: str) -> float:
     return sum(v[3] for (f, _l, fn), v in stats.stats.items() if f.endswith(suffix) and fn == name)
+
+
+def nudge_adapters(model, seed: int) -> None:
+    """Stand-in for the training between prune steps: every LoRA B moves (seeded: the same in every setting)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
 
 
 def profile_step(pruner, model, ids, sparsity) -> dict:
@@ -69,6 +88,30 @@ def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
     return math.exp(nll / n)
 
 
+def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool) -> tuple[dict, dict, dict]:
+    """Two timed prune steps and a profiled third on a fresh model; (row, state after two steps, masks)."""
+    pruner_mod.sequential_calibration = functools.partial(sequential.sequential_calibration, shortcuts=shortcuts)
+    sparsity = cfg.prune.sparsity
+    with tempfile.TemporaryDirectory() as work:
+        model = loading.load_model(cfg.model, seed=0)
+        torch.manual_seed(0)  # the LoRA initialisation: the same in every setting
+        model = wrap_lora(model, cfg.lora).eval()
+        pruner = pruner_mod.Pruner(dataclasses.replace(cfg.prune, calib_dtype=dtype),
+                                   batch_size=calibration_batch(cfg.train), progress=False, work_dir=work)
+        times = []
+        for step in range(2):
+            nudge_adapters(model, step)
+            t = time.perf_counter()
+            pruner.step(model, calib, sparsity)
+            times.append(time.perf_counter() - t)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        nudge_adapters(model, 2)
+        prof = profile_step(pruner, model, calib, sparsity)
+        masks = {k: v.clone() for k, v in pruner.masks.items()}
+        row = {"first_step_s": times[0], "second_step_s": times[1], **prof, "valid_ppl_pruned": perplexity(model, valid)}
+    return row, state, masks
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -78,57 +121,48 @@ def main() -> int:
     if args.threads < 1 or args.windows < 1:
         ap.error("--threads and --windows must be >= 1")
     torch.set_num_threads(args.threads)
-    overrides = [f"data.calib_samples={args.windows}", "prune.propagate=pruned_first", "eval.tasks=[]"]
-    cfg = load_config(os.path.join(ROOT, "configs", "default_health.yaml"), overrides)
+    overrides = [f"data.calib_samples={args.windows}", "eval.tasks=[]"]
+    config = os.path.join(ROOT, "configs", "default_health.yaml")
+    cfg = load_config(config, overrides)
     tok = loading.load_tokenizer(cfg.model)
-    calib = build_train_data(cfg, tok, None).calib_ids
-    valid_cfg = load_config(os.path.join(ROOT, "configs", "default_health.yaml"),
-                            [*overrides, "data.train=health_valid", f"data.calib_samples={args.valid_windows}",
-                             "data.seed=1"])
+    calib = build_train_data(cfg, tok, None).calib_ids[:args.windows]  # the first prune step's windows
+    valid_cfg = load_config(config, [*overrides, "data.train=health_valid", f"data.calib_samples={args.valid_windows}",
+                                     "data.calib_sets=1", "data.seed=1"])
     valid = build_train_data(valid_cfg, tok, None).calib_ids
-    sparsity = cfg.prune.sparsity
-    rows, masks = {}, {}
-    for dtype in ("auto", "bfloat16"):
-        with tempfile.TemporaryDirectory() as work:
-            model = wrap_lora(loading.load_model(cfg.model, seed=0), cfg.lora).eval()
-            pruner = Pruner(dataclasses.replace(cfg.prune, calib_dtype=dtype), batch_size=calibration_batch(cfg.train),
-                            progress=False, work_dir=work)
-            t = time.perf_counter()
-            pruner.step(model, calib, sparsity)
-            first = time.perf_counter() - t
-            t = time.perf_counter()
-            pruner.step(model, calib, sparsity)
-            second = time.perf_counter() - t
-            prof = profile_step(pruner, model, calib, sparsity)
-            masks[dtype] = {k: v.clone() for k, v in pruner.masks.items()}
-            rows[dtype] = {"first_step_s": first, "second_step_s": second, **prof,
-                           "valid_ppl_pruned": perplexity(model, valid)}
-            print(f"[prune_step] calib_dtype={dtype}: {rows[dtype]}", flush=True)
-    agree = {k: float((masks["auto"][k] == masks["bfloat16"][k]).float().mean()) for k in masks["auto"]}
-    res = {"args": vars(args), "overrides": overrides, "sparsity": sparsity, "calib_shape": list(calib.shape),
-           "valid_shape": list(valid.shape), "rows": rows,
-           "mask_agreement_min": min(agree.values()), "mask_agreement_mean": sum(agree.values()) / len(agree)}
-    a, b = rows["auto"], rows["bfloat16"]
-    md = [f"One SmolLM2-135M prune step (configs/default_health.yaml, {sparsity:.0%}, ForeSight + OBS "
-          f"reconstruction, `pruned_first`), {calib.shape[0]} calibration windows of {calib.shape[1]} tokens, "
-          f"{args.threads} thread(s); no training between the steps.", "",
-          "| | float32 (`auto`) | bf16 autocast | bf16 / float32 |", "|---|---|---|---|"]
-    for key, label in (("first_step_s", "first prune step s (two forwards per block)"),
-                       ("second_step_s", "second prune step s (one forward per block)"),
-                       ("block_forwards_s", "profiled second step: block forwards s"),
+    rows, states, masks = {}, {}, {}
+    for key, dtype, shortcuts, _label in SETTINGS:
+        rows[key], states[key], masks[key] = run_setting(cfg, calib, valid, dtype, shortcuts)
+        print(f"[prune_step] {key}: {rows[key]}", flush=True)
+    same = all(torch.equal(states["whole"][k], states["shortcuts"][k]) for k in states["whole"])
+    agree = {k: float((masks["shortcuts"][k] == masks["bf16"][k]).float().mean()) for k in masks["shortcuts"]}
+    res = {"args": vars(args), "overrides": overrides, "sparsity": cfg.prune.sparsity, "calib_shape": list(calib.shape),
+           "valid_shape": list(valid.shape), "rows": rows, "shortcuts_bit_identical_after_two_steps": same,
+           "bf16_mask_agreement_min": min(agree.values()), "bf16_mask_agreement_mean": sum(agree.values()) / len(agree)}
+    md = [f"One SmolLM2-135M prune step (configs/default_health.yaml as shipped: {cfg.prune.sparsity:.0%}, ForeSight + "
+          f"OBS reconstruction, `propagate=pruned`, the XᵀX carry), {calib.shape[0]} calibration windows of "
+          f"{calib.shape[1]} tokens, {args.threads} thread(s); before each step every adapter B moved by a seeded "
+          "random step (no training). Ratios against the first column.", "",
+          "| | " + " | ".join(label for *_, label in SETTINGS) + " | float32 / whole | bf16 / whole |",
+          "|---|---|---|---|---|---|"]
+    for key, label in (("first_step_s", "first prune step s"), ("second_step_s", "second prune step s"),
+                       ("block_forwards_s", "profiled third step: block forwards s"),
                        ("xtx_s", "… XᵀX accumulation s"), ("pruning_maths_s", "… scores, masks, OBS s"),
                        ("other_s", "… the rest s")):
-        md.append(f"| {label} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.2f}× |")
+        vals = [rows[k][key] for k, *_ in SETTINGS]
+        md.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals)
+                  + f" | {vals[1] / vals[0]:.2f}× | {vals[2] / vals[0]:.2f}× |")
+    vals = [rows[k]["valid_ppl_pruned"] for k, *_ in SETTINGS]
     md.append(f"| perplexity of the pruned model, {valid.shape[0]} health_valid windows (no training) | "
-              f"{a['valid_ppl_pruned']:.3f} | {b['valid_ppl_pruned']:.3f} | "
-              f"{b['valid_ppl_pruned'] / a['valid_ppl_pruned']:.4f}× |")
-    md += ["", f"Mask agreement between the two (share of entries, over the {len(agree)} matrices): min "
-               f"{res['mask_agreement_min']:.5f}, mean {res['mask_agreement_mean']:.5f}.", ""]
+              + " | ".join(f"{v:.4f}" for v in vals) + f" | {vals[1] / vals[0]:.4f}× | {vals[2] / vals[0]:.4f}× |")
+    md += ["", f"float32 with the shortcuts against whole forwards, after two steps: every parameter bit-identical: "
+               f"**{same}**.",
+           f"bf16 masks against float32's (share of entries, over the {len(agree)} matrices): min "
+           f"{res['bf16_mask_agreement_min']:.5f}, mean {res['bf16_mask_agreement_mean']:.5f}.", ""]
     os.makedirs(OUT, exist_ok=True)
     for name, text in (("prune_step.json", json.dumps(res, indent=2)), ("prune_step.md", "\n".join(md))):
         atomic_write_text(os.path.join(OUT, name), text)
     print("\n".join(md))
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

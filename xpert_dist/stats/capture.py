@@ -203,7 +203,7 @@ class StatsCollector:
             self._trees.setdefault(gkey, TreeSum(inplace=True)).push(idx, value)
 
     def _hook(self, gkey: str):
-        def fn(_module, args, _out):
+        def fn(_module, args):  # a pre-hook: the input is all it reads (a caller may stop the forward after it)
             x = args[0]
             self._counts[gkey] = self._counts.get(gkey, 0) + x.reshape(-1, x.shape[-1]).shape[0]
             if self.reduction == "running":
@@ -223,7 +223,7 @@ class StatsCollector:
         return fn
 
     def __enter__(self) -> "StatsCollector":
-        self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self._targets.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in self._targets.items()]
         return self
 
     def __exit__(self, *exc) -> None:

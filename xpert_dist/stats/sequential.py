@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.lora import bypass_zero_deltas
 from ..models.structure import blocks, block_linears, unwrap
 from ..errors import StatisticsError
 from .capture import InputStats, StatsCollector
@@ -106,6 +107,28 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device,
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextlib.contextmanager
+def _shortcut_scope(block: nn.Module, on: bool, stop: nn.Module | None):
+    """Forwards of ``block`` that give the same values faster (``shortcuts``): LoRA layers whose delta is
+    exactly zero run their base layer alone (:func:`xpert_dist.models.lora.bypass_zero_deltas`), and with
+    ``stop`` the forward ends (``_StopForward``) as that module is entered, after the statistics hooks
+    registered before this scope have read its input."""
+    if not on:
+        yield
+        return
+
+    def halt(_m, _args):
+        raise _StopForward
+
+    handle = stop.register_forward_pre_hook(halt) if stop is not None else None
+    try:
+        with bypass_zero_deltas(block_linears(block).values()):
+            yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 BlockCallback = Callable[[int, nn.Module, dict[str, InputStats]], None]
 
 
@@ -142,7 +165,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                            batch_indices: Sequence[int] | None = None, ctx=None,
                            forward_context: contextlib.AbstractContextManager | None = None,
                            reduction: str = "tree", partials_device=None,
-                           compute_dtype: torch.dtype | None = None) -> None:
+                           compute_dtype: torch.dtype | None = None, shortcuts: bool = True) -> None:
     """Call ``on_block(i, block, stats)`` for every decoder block, in order, with that block's
     statistics computed on inputs that already went through the (pruned) earlier blocks.
 
@@ -156,6 +179,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
     (default: ``ctx.partials_device`` if set) keeps the tree partials there (``"cpu"``: host memory).
     ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the block forwards under autocast, as a half-precision
     model would run them; the statistics still accumulate in ``dtype`` (``prune.calib_dtype``).
+    ``shortcuts`` (default): the same statistics and outputs bit for bit, with less work
+    (:func:`_shortcut_scope`); off, every forward runs whole (the reference the tests compare with).
     """
     n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
     batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
@@ -174,17 +199,25 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
             names = modules or None
             for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
                 linears = block_linears(block, names) if names else block_linears(block)
+                # with ``recompute`` the statistics forward's outputs are thrown away, so it stops once the
+                # last module's input is recorded (down_proj's: its matmul, a quarter of the block's, is skipped)
+                stop = linears.get("down_proj") if recompute and shortcuts else None
                 with gather_block(block):
                     with StatsCollector(linears, mode=mode, dtype=dtype, reduction=reduction,
-                                        partials_device=partials_device) as col:
+                                        partials_device=partials_device) as col, \
+                            _shortcut_scope(block, shortcuts, stop):
                         outs = []
                         for g, h in zip(batch_indices, hidden):
                             col.set_batch(g)
-                            outs.append(_run_block(block, h, kwargs, device, compute_dtype).cpu())
+                            try:
+                                outs.append(_run_block(block, h, kwargs, device, compute_dtype).cpu())
+                            except _StopForward:
+                                pass
                     on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
                     if recompute:
                         outs = None  # free the stale outputs first: 2, not 3, copies of the activations
-                        outs = [_run_block(block, h, kwargs, device, compute_dtype).cpu() for h in hidden]
+                        with _shortcut_scope(block, shortcuts, None):  # on_block may have zeroed the adapters
+                            outs = [_run_block(block, h, kwargs, device, compute_dtype).cpu() for h in hidden]
                 hidden = outs
     finally:
         model.train(was_training)
