@@ -206,6 +206,14 @@ METHODS = {
                                 "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic", "data.calib_sets=4",
                                 "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
                                 "prune.masked_grad=straight_through"],
+    # what ships with its prune steps' calibration forwards under bf16 autocast (prune.calib_dtype=bfloat16, XᵀX still
+    # float32): a prune step 0.74-0.80x (bench/results/prune_step.md, 2026-12-07), the one lever left on the prune steps'
+    # time at no solver change; the cell measures what it costs the export (xpert_bf16calib did for the two-step default)
+    "xpert_gradual_carry_ste_bf16calib": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                          "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
+                                          "data.calib_sets=4", "prune.hessian_carry=1.0",
+                                          "prune.mask_final=fraction:0.667", "prune.masked_grad=straight_through",
+                                          "prune.calib_dtype=bfloat16"],
     # seed noise of what ships (straight-through masked gradients) against the fairness twin's second seed
     # (sparsegpt_masked_lora_c128_seed1), paired as xpert_gradual_carry_seed1 is for the exact-gradient default
     # Measured 2026-12-07: health 40% 13.34 (78.4%; exact 13.35, twin 13.42: +0.5 over the twin), PubMedQA 0.502;
