@@ -108,7 +108,8 @@ def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool) -> tuple[dict, d
         nudge_adapters(model, 2)
         prof = profile_step(pruner, model, calib, sparsity)
         masks = {k: v.clone() for k, v in pruner.masks.items()}
-        row = {"first_step_s": times[0], "second_step_s": times[1], **prof, "valid_ppl_pruned": perplexity(model, valid)}
+        row = {"first_step_s": times[0], "second_step_s": times[1], **prof,
+               "valid_ppl_pruned": perplexity(model, valid)}
     return row, state, masks
 
 

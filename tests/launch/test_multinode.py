@@ -58,7 +58,7 @@ def wait_paused(job: str, markers: list[Path], log: Path, timeout: float = 240) 
 
 
 def tail(log: Path, n: int = 4000) -> str:
-    return log.read_text()[-n:] if log.exists() else "(no log)"
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
 
 
 def test_namespace_nodes_are_separate_hosts(multinode_cluster):
@@ -137,7 +137,7 @@ def test_zero3_across_two_nodes_matches_one_node(two_node_runs):
     two, one = two_node_runs["two_nodes"], two_node_runs["one_node"]
     for r in (two, one):
         assert r["state"] == "COMPLETED", f"job {r['job']}: {r['state']}\n{tail(r['log'])}"
-    log = two["log"].read_text()
+    log = two["log"].read_text(errors="replace")
     assert two["nodes"] == list(NODES)
     port = E.port_from_job_id(two["job"])
     assert f"2 node(s) x 1 task(s) = 2 rank(s), master xn1:{port}" in log, log[:2000]
@@ -158,7 +158,7 @@ def test_zero3_across_two_nodes_matches_one_node(two_node_runs):
 
 def test_preempted_two_node_job_requeues_and_resumes(two_node_runs):
     pre, two = two_node_runs["preempted"], two_node_runs["two_nodes"]
-    text = pre["log"].read_text()
+    text = pre["log"].read_text(errors="replace")
     assert pre["state"] == "COMPLETED", f"job {pre['job']}: {pre['state']}\n{text[-4000:]}"
     # the ranks exit 75 after the stop checkpoint (srun reports the first one), the script requeues
     assert re.search(r"srun finished with status 75|task \d+: Exited with exit code 75", text), text[-3000:]
@@ -202,7 +202,7 @@ def test_lost_node_fails_clearly_and_resubmission_resumes(two_node_runs, tmp_pat
     t_crash = time.monotonic()
     crash_node("xn2")
     error = re.compile(r"xpert-dist: error: .*rank 0.*(died|stopped answering)")
-    while not error.search(log.read_text()):
+    while not error.search(log.read_text(errors="replace")):
         assert time.monotonic() - t_crash < PAUSE_TIMEOUT_S + DIST_TIMEOUT_S + 30, \
             f"no clear error on the surviving rank after the node loss:\n{tail(log)}"
         time.sleep(0.5)
@@ -225,7 +225,7 @@ def test_lost_node_fails_clearly_and_resubmission_resumes(two_node_runs, tmp_pat
     log2 = tmp_path / "resubmitted.out"
     job2 = submit(cfg, log2, "2x1", None, None, f"output_dir={out}")
     state2 = sbatch.wait(job2, timeout_s=300)
-    text = log2.read_text()
+    text = log2.read_text(errors="replace")
     assert state2 == "COMPLETED", f"job {job2}: {state2}\n{text[-4000:]}"
     assert re.search(r"resuming from \S+/checkpoints/step-00000002", text), text[-3000:]
     mr, m2 = manifest(out), manifest(reference["out"])

@@ -51,7 +51,7 @@ def test_checkpointable_job_preempted_resumes(slurm_cluster, submitit_folder, tm
     first, second = res["starts"]
     assert first["i"] == 0 and second["i"] >= 3 and second["restart"] == "1"
     assert second["job"] == first["job"]  # requeued, same job id
-    log = Path(job.paths.stderr).read_text()
+    log = Path(job.paths.stderr).read_text(errors="replace")
     assert "handing over to submitit for requeue" in log
 
 

@@ -66,7 +66,7 @@ def reference_runs(slurm_cluster, pipeline_ready, tmp_path_factory):
     state = wait_job(job, timeout=240)
     local_out, _ = local.communicate(timeout=240)
     assert local.returncode == 0, local_out[-3000:]
-    assert state == "COMPLETED", f"job {job}: {state}\n{log.read_text()[-3000:] if log.exists() else ''}"
+    assert state == "COMPLETED", f"job {job}: {state}\n{log.read_text(errors="replace")[-3000:] if log.exists() else ''}"
     return {"config": cfg, "root": root, "slurm": root / "slurm2", "local": local_dir, "log": log}
 
 
@@ -79,7 +79,7 @@ def test_two_rank_sbatch_job_matches_single_process(reference_runs):
     assert not differ, (f"{len(differ)} of {len(ms['mask_sha256'])} masks differ between {RANKS} ranks x "
                         f"batch {GLOBAL_BATCH // RANKS} and 1 process x batch {GLOBAL_BATCH}: {differ[:4]}; "
                         f"final loss {ms.get('final_loss')} vs {ml.get('final_loss')}")
-    log = reference_runs["log"].read_text()
+    log = reference_runs["log"].read_text(errors="replace")
     assert "2 rank(s), master" in log and "srun finished with status 0" in log
 
 
@@ -95,7 +95,7 @@ def test_preempted_job_requeues_and_resumes_with_identical_masks(reference_runs,
     # what SLURM does --signal=USR1@N before the time limit: USR1 to every rank
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     state = wait_job(job, timeout=300)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-4000:]}"
     assert "preempted: requeueing job" in text, text[-3000:]
     restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
