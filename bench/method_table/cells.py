@@ -208,7 +208,12 @@ METHODS = {
                                 "prune.masked_grad=straight_through"],
     # what ships with its prune steps' calibration forwards under bf16 autocast (prune.calib_dtype=bfloat16, XᵀX still
     # float32): a prune step 0.74-0.80x (bench/results/prune_step.md, 2026-12-07), the one lever left on the prune steps'
-    # time at no solver change; the cell measures what it costs the export (xpert_bf16calib did for the two-step default)
+    # time at no solver change; the cell measures what it costs the export (xpert_bf16calib did for the two-step default).
+    # Measured 2026-12-07 evening (validation, against xpert_gradual_carry_ste): health 40% 13.25 (78.9%) vs 13.24 (79.0%),
+    # PubMedQA 0.497 (0.480); health 50% 16.52 (63.3%) vs 16.58 (63.1%), PubMedQA 0.527 (0.542); prune steps 44-49 s
+    # against 54-64 s (cells run at different moments, two at a time). Legal 40% 22.12 (88.2%) vs 22.08 (88.4%), test 25.67
+    # (25.71); legal 50% 25.78 (75.7%) vs 25.82 (75.6%), test 33.06 (33.20): level in all four; not shipped, because with
+    # it tests/train/test_zero3_real.py's runs drift 1.72% between launchers (docs/ARCHITECTURE.md, calibration precision)
     "xpert_gradual_carry_ste_bf16calib": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                           "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
                                           "data.calib_sets=4", "prune.hessian_carry=1.0",
