@@ -66,7 +66,7 @@ def reference_runs(slurm_cluster, pipeline_ready, tmp_path_factory):
     state = wait_job(job, timeout=240)
     local_out, _ = local.communicate(timeout=240)
     assert local.returncode == 0, local_out[-3000:]
-    assert state == "COMPLETED", f"job {job}: {state}\n{log.read_text(errors="replace")[-3000:] if log.exists() else ''}"
+    assert state == "COMPLETED", f"job {job}: {state}\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
     return {"config": cfg, "root": root, "slurm": root / "slurm2", "local": local_dir, "log": log}
 
 
