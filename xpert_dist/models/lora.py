@@ -133,8 +133,8 @@ def unmask_delta(module: nn.Module) -> None:
 def bypass_zero_deltas(modules: Iterable[nn.Module]) -> Iterator[int]:
     """Inside: every peft LoRA layer among ``modules`` whose active adapters' ``B`` are all exactly zero
     (after a prune step without PBS, or at initialisation) runs its base layer alone. peft would add
-    ``s·B(A x) = 0`` to that output: the same values, without the adapter's two matmuls (about a fifth of
-    a SmolLM2 block's forward). Parameters must be materialised (inside a ZeRO-3 gather); layers with a
+    ``s·B(A x) = 0`` to that output: the same values, without the adapter's two matmuls and peft's
+    bookkeeping around them. Parameters must be materialised (inside a ZeRO-3 gather); layers with a
     patched forward (a masked delta), merged or without an adapter are left alone. Yields how many
     layers are bypassed."""
     patched = []

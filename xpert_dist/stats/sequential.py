@@ -200,7 +200,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
             for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
                 linears = block_linears(block, names) if names else block_linears(block)
                 # with ``recompute`` the statistics forward's outputs are thrown away, so it stops once the
-                # last module's input is recorded (down_proj's: its matmul, a quarter of the block's, is skipped)
+                # last module's input is recorded (down_proj's: its matmul and adapter are skipped)
                 stop = linears.get("down_proj") if recompute and shortcuts else None
                 with gather_block(block):
                     with StatsCollector(linears, mode=mode, dtype=dtype, reduction=reduction,
