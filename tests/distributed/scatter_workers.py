@@ -50,17 +50,17 @@ def partial(kind, mode, shape, span):
 
 def reduce_both_paths(rank, world):
     """Each case reduced twice: reduce-scatter (threshold 0) and whole partials to the owner."""
-    from xpert_dist.distributed import multirank
+    from xpert_dist.distributed import stats_reduce
     from xpert_dist.distributed.multirank import TorchDistContext
 
     calls = []
-    real = multirank.scatter_combine
+    real = stats_reduce.scatter_combine
 
     def counted(*a, **k):
         calls.append(a[1])
         return real(*a, **k)
 
-    multirank.scatter_combine = counted
+    stats_reduce.scatter_combine = counted
     ctx = TorchDistContext(timeout_s=60)
     ctx.scatter_min_world = 2  # the default leaves 2 ranks on the whole-partials path
     out = {}
@@ -80,18 +80,18 @@ def dies_in_reduce_scatter(rank, world, timeout_s, victim):
     import os
     import time
 
-    from xpert_dist.distributed import multirank
+    from xpert_dist.distributed import stats_reduce
     from xpert_dist.distributed.multirank import TorchDistContext
     from xpert_dist.errors import DistributedError
 
-    real = multirank.scatter_combine
+    real = stats_reduce.scatter_combine
 
     def maybe_die(*a, **k):
         if rank == victim:
             os._exit(17)
         return real(*a, **k)
 
-    multirank.scatter_combine = maybe_die
+    stats_reduce.scatter_combine = maybe_die
     ctx = TorchDistContext(timeout_s=timeout_s, scatter_min_bytes=0)
     t0 = time.monotonic()
     try:

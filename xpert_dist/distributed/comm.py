@@ -234,3 +234,11 @@ def guard(op: str, rank: int, peer: int | None = None, timeout_s: float | None =
         raise DistributedError(f"{op} failed on rank {rank}{who}{limit}: a peer rank died or stopped "
                                f"answering{where} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def message_dtype(name: str) -> torch.dtype:
+    """The torch dtype a distributed message names (``"torch.float32"`` or ``"float32"``)."""
+    dt = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise DistributedError(f"unknown dtype {name!r} in a distributed message")
+    return dt

@@ -15,11 +15,10 @@ from torch import nn
 from ..errors import DistributedError, StatisticsError
 from ..stats import sequential as _sequential
 from ..stats.capture import InputStats, group_key
-from ..stats.tree import Node, TreeSum, maximal_nodes
-from .comm import PhaseBoard, guard, init_distributed, set_phase_board, timeout_seconds
+from .comm import PhaseBoard, guard, init_distributed, message_dtype, set_phase_board, timeout_seconds
 from .context import DistContext
 from .owners import assign_owners
-from .scatter_reduce import scatter_combine
+from . import stats_reduce
 from .zero import gathered_state, is_zero3_param, set_partition, suspended_zero_hooks
 
 log = logging.getLogger(__name__)
@@ -31,13 +30,6 @@ log = logging.getLogger(__name__)
 # 1.05-1.32x at 4 and 8 ranks; there all ranks share the same cores, on a cluster the owner's link is the limit)
 SCATTER_MIN_BYTES = 16 * 1024 ** 2
 SCATTER_MIN_WORLD = 3
-
-
-def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name.replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise DistributedError(f"unknown dtype {name!r} in a distributed message")
-    return dt
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -293,119 +285,11 @@ class TorchDistContext(DistContext):
         statistic on its owner (and everywhere with ``replicate=True`` or in ``diag`` mode), else a
         remote statistic with ``n``, the diagonal and ``owner``.
         """
-        keys = sorted(stats)
-        mine = {}
-        for k in keys:
-            st = stats[k]
-            if st.nodes is not None:
-                kind = "tree" if st.nodes else "empty"
-            else:
-                kind = "running" if st.resident else "empty"
-            shape = list(st.shape) if kind != "empty" else None
-            dtype = str((st.nodes[0].value if kind == "tree" else st.sum).dtype) if kind != "empty" else None
-            mine[k] = (st.mode, kind, st.span if kind == "tree" else None, st.n, shape, dtype)
-        metas = self.all_gather_object({"keys": keys, "meta": mine}, op="reduce_stats (metadata)")
-        for r, m in enumerate(metas):
-            if m["keys"] != keys:
-                raise DistributedError(f"reduce_stats: rank {r} has statistics {m['keys']} but rank {self.rank} "
-                                       f"has {keys}; every rank must reduce the same keys")
-        sizes, info = {}, {}
-        for k in keys:
-            per = [m["meta"][k] for m in metas]
-            modes = {p[0] for p in per}
-            live = [(r, p) for r, p in enumerate(per) if p[1] != "empty"]
-            if len(modes) != 1:
-                raise DistributedError(f"reduce_stats: statistic {k!r} has modes {sorted(modes)} on different ranks")
-            if not live:
-                raise StatisticsError(f"no calibration data reached {k!r} on any of the {self.world_size} ranks")
-            kinds = {p[1] for _, p in live}
-            if len(kinds) != 1:
-                raise DistributedError(f"reduce_stats: statistic {k!r} mixes tree and running partials")
-            shapes = {tuple(p[4]) for _, p in live}
-            dtypes = {p[5] for _, p in live}
-            if len(shapes) != 1 or len(dtypes) != 1:
-                raise DistributedError(f"reduce_stats: statistic {k!r} has shapes {sorted(shapes)} / dtypes "
-                                       f"{sorted(dtypes)} on different ranks")
-            kind = kinds.pop()
-            if kind == "tree":
-                live.sort(key=lambda rp: rp[1][2][0])
-                stop = 0
-                for r, p in live:
-                    if p[2][0] != stop:
-                        raise StatisticsError(
-                            f"reduce_stats: the batches of {k!r} are not one contiguous run from 0: rank {r} "
-                            f"starts at batch {p[2][0]}, expected {stop}")
-                    stop = p[2][1]
-            shape, dtype = shapes.pop(), _dtype(dtypes.pop())
-            info[k] = (modes.pop(), kind, live, shape, dtype, sum(p[3] for p in per))
-            numel = 1
-            for s in shape:
-                numel *= s
-            sizes[k] = numel * torch.empty((), dtype=dtype).element_size()
-        owners = assign_owners(sizes, self.world_size)
         shift = self._round if rotation is None else int(rotation)
-        owners = {k: (r + shift) % self.world_size for k, r in owners.items()}
+        out, owners = stats_reduce.reduce_stats(self, stats, replicate, shift)
         self._round += 1
         self._stat_owners = dict(owners)
-
-        totals: dict[str, torch.Tensor] = {}
-        for k in keys:
-            mode, kind, live, shape, dtype, n = info[k]
-            owner = owners[k]
-            if self.world_size >= max(2, self.scatter_min_world) and sizes[k] >= self.scatter_min_bytes:
-                total = scatter_combine(self, k, kind, live, shape, dtype, stats[k], owner)
-                if self.rank == owner:
-                    totals[k] = total
-            elif self.rank == owner:
-                totals[k] = self._combine(k, kind, live, shape, dtype, stats[k])
-            elif any(r == self.rank for r, _ in live):
-                local = stats[k]
-                values = [nd.value for nd in local.nodes] if kind == "tree" else [local.sum]
-                for j, v in enumerate(values):
-                    self._send(v.to(self.device), owner, f"reduce_stats: send {k!r} part {j} to rank {owner}")
-            stats[k].nodes = None if kind == "tree" else stats[k].nodes
-
-        out: dict[str, InputStats] = {}
-        for k in keys:
-            mode, kind, live, shape, dtype, n = info[k]
-            owner = owners[k]
-            full = replicate or mode == "diag"
-            if self.rank == owner:
-                payload = totals[k] if full else totals[k].diagonal().contiguous()
-            else:
-                payload = torch.empty(shape if full else shape[:1], dtype=dtype, device=self.device)
-            self._broadcast(payload, owner, f"reduce_stats: broadcast {k!r} from rank {owner}")
-            if self.rank == owner:
-                out[k] = InputStats(totals[k], n, mode)
-            elif full:
-                out[k] = InputStats(payload, n, mode)
-            else:
-                out[k] = InputStats(None, n, mode, diag=payload, owner=owner)
         return out
-
-    def _combine(self, key, kind, live, shape, dtype, local: InputStats) -> torch.Tensor:
-        """Receive every rank's partials of ``key`` (in global batch order) and fold them canonically."""
-        if kind == "running":  # one opaque partial per rank, summed in rank order
-            acc = None
-            for r, _ in sorted(live):
-                if r == self.rank:
-                    v = local.sum.to(self.device)
-                else:
-                    v = torch.empty(shape, dtype=dtype, device=self.device)
-                    self._recv(v, r, f"reduce_stats: receive {key!r} from rank {r}")
-                acc = v.clone() if acc is None else acc + v
-            return acc
-        tree = TreeSum(inplace=False)
-        for r, p in live:
-            if r == self.rank:
-                for nd in local.nodes:
-                    tree.push_node(Node(nd.level, nd.index, nd.value.to(self.device)))
-                continue
-            for j, (level, index) in enumerate(maximal_nodes(*p[2])):
-                buf = torch.empty(shape, dtype=dtype, device=self.device)
-                self._recv(buf, r, f"reduce_stats: receive {key!r} part {j} from rank {r}")
-                tree.push_node(Node(level, index, buf))
-        return tree.total()
 
     # ------------------------------------------------------------------ owned computations
     def _owners_for(self, keys: list[str], sizes: dict[str, int]) -> dict[str, int]:
@@ -470,7 +354,7 @@ class TorchDistContext(DistContext):
                     src = local[k][name]
                     t = src.detach().to(self.device).contiguous()
                 else:
-                    t = torch.empty(shape, dtype=_dtype(dt), device=self.device)
+                    t = torch.empty(shape, dtype=message_dtype(dt), device=self.device)
                 self._broadcast(t, o, f"compute_owned: broadcast {k!r}/{name} from rank {o}")
                 res[name] = local[k][name] if self.rank == o else t
             out[k] = res
