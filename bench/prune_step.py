@@ -2,9 +2,11 @@
 
 Side by side in one run, three settings of the shipped config (ForeSight + OBS reconstruction,
 ``propagate=pruned``: every block runs a statistics forward and, once pruned, a forward that recomputes
-its outputs; the XᵀX carry): float32 calibration with every forward run whole (``shortcuts=False``, the
-reference); float32 with the shortcuts every prune step takes (``stats/sequential.py``: the statistics
-forward stops at down_proj's input, and adapters the step zeroed are skipped in the recompute), which
+its outputs; the XᵀX carry): the reference, float32 calibration with every forward run whole
+(``shortcuts=False``) and each batch's XᵀX as one full product (what prune steps did before 2026-12-07
+evening); float32 as every prune step now runs (``stats/sequential.py``'s shortcuts: the statistics forward
+stops at down_proj's input, adapters the step zeroed are skipped in the recompute, the last block is not
+recomputed; ``stats/capture.gram_into``: XᵀX from the panels on and above the diagonal, mirrored), which
 must leave the same model bit for bit; and bf16-autocast forwards (``prune.calib_dtype=bfloat16``) with
 the shortcuts. Each runs two prune steps at the method table's budget (32 calibration windows of 256
 tokens from the health training data, 40%); before each, every adapter ``B`` moves by a seeded random
@@ -40,14 +42,21 @@ from xpert_dist.config import load_config  # noqa: E402
 from xpert_dist.models import loading  # noqa: E402
 from xpert_dist.models.lora import wrap_lora  # noqa: E402
 from xpert_dist.prune import pruner as pruner_mod  # noqa: E402
-from xpert_dist.stats import sequential  # noqa: E402
+from xpert_dist.stats import capture, sequential  # noqa: E402
 from xpert_dist.train.data import build_train_data, calibration_batch  # noqa: E402
 from xpert_dist.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
-# (key, prune.calib_dtype, shortcuts, column label)
-SETTINGS = (("whole", "auto", False, "float32, whole forwards"), ("shortcuts", "auto", True, "float32"),
+# (key, prune.calib_dtype, shortcuts and panel XᵀX, column label)
+SETTINGS = (("whole", "auto", False, "float32, whole forwards, full XᵀX"), ("shortcuts", "auto", True, "float32"),
             ("bf16", "bfloat16", True, "bf16 autocast"))
+GRAM_INTO = capture.gram_into
+
+
+def full_product(flat, into, block=None):
+    """The reference's XᵀX: one full product per batch (what accumulate ran before gram_into)."""
+    part = flat.T @ flat
+    return part if into is None else into.add_(part)
 
 
 def _cum(stats: pstats.Stats, suffix: str, name: str) -> float:
@@ -91,6 +100,7 @@ def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
 def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool) -> tuple[dict, dict, dict]:
     """Two timed prune steps and a profiled third on a fresh model; (row, state after two steps, masks)."""
     pruner_mod.sequential_calibration = functools.partial(sequential.sequential_calibration, shortcuts=shortcuts)
+    capture.gram_into = GRAM_INTO if shortcuts else full_product
     sparsity = cfg.prune.sparsity
     with tempfile.TemporaryDirectory() as work:
         model = loading.load_model(cfg.model, seed=0)
@@ -155,7 +165,7 @@ def main() -> int:
     vals = [rows[k]["valid_ppl_pruned"] for k, *_ in SETTINGS]
     md.append(f"| perplexity of the pruned model, {valid.shape[0]} health_valid windows (no training) | "
               + " | ".join(f"{v:.4f}" for v in vals) + f" | {vals[1] / vals[0]:.4f}× | {vals[2] / vals[0]:.4f}× |")
-    md += ["", f"float32 with the shortcuts against whole forwards, after two steps: every parameter bit-identical: "
+    md += ["", f"float32 as prune steps run against the reference, after two steps: every parameter bit-identical: "
                f"**{same}**.",
            f"bf16 masks against float32's (share of entries, over the {len(agree)} matrices): min "
            f"{res['bf16_mask_agreement_min']:.5f}, mean {res['bf16_mask_agreement_mean']:.5f}.", ""]

@@ -77,9 +77,9 @@ def test_statistics_forward_stops_before_down_proj(shortcuts):
     for h in handles:
         h.remove()
     n_blocks, n_batches = len(st.blocks(model)), 2
-    # the recompute runs it in every block but the last (whose outputs feed no block); the statistics forward
-    # runs it only without the shortcuts
-    expected = (n_blocks - 1) + (0 if shortcuts else n_blocks)
+    # with the shortcuts the recompute runs it in every block but the last (whose outputs feed no block) and the
+    # statistics forward stops before it; without, both run it in every block
+    expected = n_blocks - 1 if shortcuts else 2 * n_blocks
     assert calls["n"] == expected * n_batches
     assert all("down_in" in g for g in got)  # down_proj's input was still recorded
 
@@ -116,5 +116,5 @@ def test_adapters_zeroed_by_a_prune_step_are_skipped_in_the_recompute(monkeypatc
     cfg = PruneConfig(method="foresight", sparsity=0.5, group="output", pbs="off", reconstruct="obs",
                       propagate="pruned", ema_eta=1.0)
     Recording(cfg, batch_size=4, progress=False).step(model, ids, 0.5)
-    n_blocks = len(st.blocks(model))  # adapter calls per block and batch (2 batches); no recompute of the last block
-    assert calls["n"] == (stats_fwd * n_blocks + recompute_fwd * (n_blocks - 1)) * 2
+    n_blocks = len(st.blocks(model))  # adapter calls per block and batch (2 batches)
+    assert calls["n"] == (stats_fwd + recompute_fwd) * n_blocks * 2

@@ -180,7 +180,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
     ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the block forwards under autocast, as a half-precision
     model would run them; the statistics still accumulate in ``dtype`` (``prune.calib_dtype``).
     ``shortcuts`` (default): the same statistics and outputs bit for bit, with less work
-    (:func:`_shortcut_scope`); off, every forward runs whole (the reference the tests compare with).
+    (:func:`_shortcut_scope`, and no recompute of the last block, whose outputs feed no block); off, every
+    forward runs whole (the reference the tests compare with).
     """
     n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
     batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
@@ -214,7 +215,7 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                             except _StopForward:
                                 pass
                     on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats())
-                    if recompute and i + 1 < len(layers):  # the last block's outputs feed no block
+                    if recompute and not (shortcuts and i + 1 == len(layers)):  # the last block's outputs feed none
                         outs = None  # free the stale outputs first: 2, not 3, copies of the activations
                         with _shortcut_scope(block, shortcuts, None):  # on_block may have zeroed the adapters
                             outs = [_run_block(block, h, kwargs, device, compute_dtype).cpu() for h in hidden]
