@@ -222,7 +222,10 @@ METHODS = {
     # what ships with three prune steps instead of four (prune.prune_steps=3: steps 33, 67 and 100 on the cubic ramp, to
     # 70%, 96% and 100% of the target; data.calib_sets=3, each step its own 32 windows, the XᵀX carried): one calibration
     # pass fewer, a quarter of the prune steps' time (the prune steps are what keeps the run above 1.10x plain LoRA's
-    # wall time, bench/results/timing.md); the cell measures what the coarser ramp costs the export
+    # wall time, bench/results/timing.md); the cell measures what the coarser ramp costs the export.
+    # Measured 2026-12-07 late (validation, against xpert_gradual_carry_ste): health 40% 13.34 (78.4%) vs 13.24 (79.0%),
+    # PubMedQA 0.485 (0.480); legal 40% 22.19 (87.9%) vs 22.08 (88.4%), test 26.01 vs 25.71, CaseHOLD 0.145 (0.135):
+    # 0.5-0.6 points lower in both, so not shipped (and not run at 50%)
     "xpert_gradual3_carry_ste": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                  "prune.group=output", "prune.prune_steps=3", "prune.ramp=cubic", "data.calib_sets=3",
                                  "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
