@@ -15,7 +15,7 @@ Then one more step under cProfile, split into block forwards, ``XᵀX`` accumula
 (scores, masks, OBS reconstruction) and the rest. Quality beside it: agreement of the bf16 masks with
 float32's, and the perplexity of each pruned model (no training) on held-out ``health_valid`` windows.
 
-    python bench/prune_step.py [--threads 1] [--windows 32]
+    python bench/prune_step.py [--threads 1] [--windows 32] [--no-bf16]
 
 Writes ``bench/results/prune_step.{json,md}``.
 """
@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--windows", type=int, default=32, help="calibration windows per prune step")
     ap.add_argument("--valid-windows", type=int, default=16)
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="leave out the bf16-autocast setting (on a CPU without bf16 matmul units it is the slowest)")
     args = ap.parse_args()
     if args.threads < 1 or args.windows < 1:
         ap.error("--threads and --windows must be >= 1")
@@ -141,34 +143,48 @@ def main() -> int:
                                      "data.calib_sets=1", "data.seed=1"])
     valid = build_train_data(valid_cfg, tok, None).calib_ids
     rows, states, masks = {}, {}, {}
-    for key, dtype, shortcuts, _label in SETTINGS:
+    settings = [st for st in SETTINGS if not (args.no_bf16 and st[0] == "bf16")]
+    for key, dtype, shortcuts, _label in settings:
         rows[key], states[key], masks[key] = run_setting(cfg, calib, valid, dtype, shortcuts)
         print(f"[prune_step] {key}: {rows[key]}", flush=True)
     same = all(torch.equal(states["whole"][k], states["shortcuts"][k]) for k in states["whole"])
-    agree = {k: float((masks["shortcuts"][k] == masks["bf16"][k]).float().mean()) for k in masks["shortcuts"]}
+    bf16 = "bf16" in rows
+    agree = ({k: float((masks["shortcuts"][k] == masks["bf16"][k]).float().mean()) for k in masks["shortcuts"]}
+             if bf16 else {})
     res = {"args": vars(args), "overrides": overrides, "sparsity": cfg.prune.sparsity, "calib_shape": list(calib.shape),
-           "valid_shape": list(valid.shape), "rows": rows, "shortcuts_bit_identical_after_two_steps": same,
-           "bf16_mask_agreement_min": min(agree.values()), "bf16_mask_agreement_mean": sum(agree.values()) / len(agree)}
+           "valid_shape": list(valid.shape), "rows": rows, "shortcuts_bit_identical_after_two_steps": same}
+    if bf16:
+        res.update(bf16_mask_agreement_min=min(agree.values()), bf16_mask_agreement_mean=sum(agree.values()) / len(agree))
+    keys = [k for k, *_ in settings]
+    ratio_cols = [k for k in keys if k != "whole"]
+    names = {"shortcuts": "float32 / reference", "bf16": "bf16 / reference"}
     md = [f"One SmolLM2-135M prune step (configs/default_health.yaml as shipped: {cfg.prune.sparsity:.0%}, ForeSight + "
           f"OBS reconstruction, `propagate=pruned`, the XᵀX carry), {calib.shape[0]} calibration windows of "
           f"{calib.shape[1]} tokens, {args.threads} thread(s); before each step every adapter B moved by a seeded "
-          "random step (no training). Ratios against the first column.", "",
-          "| | " + " | ".join(label for *_, label in SETTINGS) + " | float32 / whole | bf16 / whole |",
-          "|---|---|---|---|---|---|"]
+          "random step (no training). The reference: every forward whole and each batch's XᵀX one full product "
+          "(prune steps before 2026-12-07 evening); float32: as prune steps run now. Ratios against the reference.", "",
+          "| | " + " | ".join(label for k, *_, label in settings) + " | "
+          + " | ".join(names[k] for k in ratio_cols) + " |",
+          "|---" * (len(keys) + len(ratio_cols) + 1) + "|"]
     for key, label in (("first_step_s", "first prune step s"), ("second_step_s", "second prune step s"),
                        ("block_forwards_s", "profiled third step: block forwards s"),
                        ("xtx_s", "… XᵀX accumulation s"), ("pruning_maths_s", "… scores, masks, OBS s"),
                        ("other_s", "… the rest s")):
-        vals = [rows[k][key] for k, *_ in SETTINGS]
-        md.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals)
-                  + f" | {vals[1] / vals[0]:.2f}× | {vals[2] / vals[0]:.2f}× |")
-    vals = [rows[k]["valid_ppl_pruned"] for k, *_ in SETTINGS]
+        vals = {k: rows[k][key] for k in keys}
+        md.append(f"| {label} | " + " | ".join(f"{vals[k]:.1f}" for k in keys) + " | "
+                  + " | ".join(f"{vals[k] / vals['whole']:.2f}×" for k in ratio_cols) + " |")
+    vals = {k: rows[k]["valid_ppl_pruned"] for k in keys}
     md.append(f"| perplexity of the pruned model, {valid.shape[0]} health_valid windows (no training) | "
-              + " | ".join(f"{v:.4f}" for v in vals) + f" | {vals[1] / vals[0]:.4f}× | {vals[2] / vals[0]:.4f}× |")
+              + " | ".join(f"{vals[k]:.4f}" for k in keys) + " | "
+              + " | ".join(f"{vals[k] / vals['whole']:.4f}×" for k in ratio_cols) + " |")
     md += ["", f"float32 as prune steps run against the reference, after two steps: every parameter bit-identical: "
-               f"**{same}**.",
-           f"bf16 masks against float32's (share of entries, over the {len(agree)} matrices): min "
-           f"{res['bf16_mask_agreement_min']:.5f}, mean {res['bf16_mask_agreement_mean']:.5f}.", ""]
+               f"**{same}**."]
+    if bf16:
+        md.append(f"bf16 masks against float32's (share of entries, over the {len(agree)} matrices): min "
+                  f"{res['bf16_mask_agreement_min']:.5f}, mean {res['bf16_mask_agreement_mean']:.5f}.")
+    else:
+        md.append("bf16 autocast not run (`--no-bf16`).")
+    md.append("")
     os.makedirs(OUT, exist_ok=True)
     for name, text in (("prune_step.json", json.dumps(res, indent=2)), ("prune_step.md", "\n".join(md))):
         atomic_write_text(os.path.join(OUT, name), text)

@@ -207,7 +207,7 @@ METHODS = {
                                 "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
                                 "prune.masked_grad=straight_through"],
     # what ships with its prune steps' calibration forwards under bf16 autocast (prune.calib_dtype=bfloat16, XᵀX still
-    # float32): a prune step 0.74-0.80x (bench/results/prune_step.md, 2026-12-07), the one lever left on the prune steps'
+    # float32): a prune step 0.74-0.80x (bench/results/prune_step_earlier_host.md, 2026-12-07), the one lever left on the prune steps'
     # time at no solver change; the cell measures what it costs the export (xpert_bf16calib did for the two-step default).
     # Measured 2026-12-07 evening (validation, against xpert_gradual_carry_ste): health 40% 13.25 (78.9%) vs 13.24 (79.0%),
     # PubMedQA 0.497 (0.480); health 50% 16.52 (63.3%) vs 16.58 (63.1%), PubMedQA 0.527 (0.542); prune steps 44-49 s
