@@ -137,7 +137,8 @@ def gram_into(flat: torch.Tensor, into: torch.Tensor | None, block: int | None =
     """``into + flatᵀ·flat`` (``into=None``: ``flatᵀ·flat``) for ``flat[tokens, n]``, computing only the blocks on
     and above the diagonal (``⌈n/block⌉`` row panels, each ``panelᵀ·flat[:, start:]``) and mirroring the
     off-diagonal ones: ``(k+1)/2k`` of a full product's multiply-adds for ``k`` panels (5/8 at the default
-    ``k=4``; measured 0.72x / 0.66x a full product's time for n = 1536 / 576 on one CPU thread). Each entry
+    ``k=4``; a prune step's XᵀX accumulation on SmolLM2 took 0.70x of full products' time,
+    ``bench/results/prune_step.md``). Each entry
     is the same dot product over the tokens as in the full product; the panels are added straight into
     ``into`` (no [n, n] temporary when ``into`` is given). The result is exactly symmetric off the diagonal
     panels."""
