@@ -15,7 +15,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "foresight")
 SCHEDULES = ("epoch", "steps", "final_only", "before_training")
 PBS_FORMS = ("off", "diagonal", "full", "shared")
-PROPAGATE = ("pruned", "unpruned", "pruned_first")
+PROPAGATE = ("pruned", "unpruned", "pruned_first", "true_sequential")
 DISTILL_MODES = ("off", "logits", "squarehead", "logits+squarehead")  # prune/distill.py
 
 
@@ -91,6 +91,9 @@ def validate(cfg: RunConfig) -> None:
     _boolean("prune.lr_rewind", p.lr_rewind)
     _boolean("prune.adapter_reset", p.adapter_reset)
     _choice("prune.propagate", p.propagate, PROPAGATE)
+    if p.propagate == "true_sequential" and set(p.modules) != set(LLAMA_LINEARS):
+        raise ConfigError(f"prune.propagate=true_sequential calibrates a block group by group and prunes all seven "
+                          f"linears; prune.modules={list(p.modules)} leaves some out")
     _choice("prune.saliency", p.saliency, ("diag", "obs"))
     _positive("prune.hessian_carry", p.hessian_carry, allow_zero=True)
     if not p.hessian_carry <= 1.0:

@@ -230,6 +230,15 @@ METHODS = {
                                  "prune.group=output", "prune.prune_steps=3", "prune.ramp=cubic", "data.calib_sets=3",
                                  "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
                                  "prune.masked_grad=straight_through"],
+    # what ships with each block calibrated group by group (prune.propagate=true_sequential, SparseGPT's "true
+    # sequential" order): o_proj's XᵀX from the attention of the already pruned q/k/v, gate/up's from the pruned
+    # attention, down_proj's from the pruned gate/up, and every linear run once per block instead of a statistics
+    # forward and a recompute (stats/sequential._staged_block): a prune step 0.8x; the cell measures what the
+    # statistics of the pruned upstream groups do to the export
+    "xpert_gradual_carry_ste_tseq": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
+                                     "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
+                                     "data.calib_sets=4", "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
+                                     "prune.masked_grad=straight_through", "prune.propagate=true_sequential"],
     # seed noise of what ships (straight-through masked gradients) against the fairness twin's second seed
     # (sparsegpt_masked_lora_c128_seed1), paired as xpert_gradual_carry_seed1 is for the exact-gradient default
     # Measured 2026-12-07: health 40% 13.34 (78.4%; exact 13.35, twin 13.42: +0.5 over the twin), PubMedQA 0.502;

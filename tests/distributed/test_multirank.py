@@ -145,3 +145,18 @@ def test_shipped_ds_configs_train_on_cpu_gloo():
             o = out[name]
             assert all(np.isfinite(o["losses"])) and o["moved"] > 0, (r, name, o)
             assert o["fp32_ok"] and o["kept"], (r, name, o)
+
+
+def test_zero3_two_ranks_staged_calibration_matches_single_process(one_thread):
+    """``prune.propagate=true_sequential`` under ZeRO-3 on 2 ranks (one reduction and owner per input group,
+    the block's forward patched stage by stage inside its gather): the same masks and weights as one process."""
+    from xpert_dist.prune.oneshot import prune
+
+    options = dict(propagate="true_sequential", reconstruct="obs", group="output")
+    model = workers.build_lora_model()
+    ref = prune(model, "foresight", 0.5, workers.calib_ids(), batch_size=2, progress=False, **options)
+    ref_weights = workers.snapshot(model)
+    res = ok(run_ranks(workers.zero3_staged_prune, 2, options, timeout=200))
+    for r, out in res.items():
+        assert out["mask_sha256"] == ref.mask_sha256, r
+        assert_same_weights(out["weights"], ref_weights)

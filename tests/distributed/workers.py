@@ -310,3 +310,24 @@ def ds_configs_train(rank, world, names):
         engine.destroy()
     ctx.close()
     return out
+
+
+def zero3_staged_prune(rank, world, options):
+    """2-rank ZeRO-3: a one-shot prune with staged calibration (``prune.propagate=true_sequential``) through
+    the lead's prune(), after two zero-learning-rate training steps (DeepSpeed's trace complete)."""
+    from xpert_dist.distributed.context import TorchDistContext
+    from xpert_dist.prune.oneshot import prune
+
+    ctx = TorchDistContext(zero3=True, timeout_s=60)
+    engine = zero3_engine(build_lora_model())
+    ids = calib_ids()
+    x = ids[:2]
+    for _ in range(2):
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+    rep = prune(engine.module, "foresight", 0.5, ids, ctx=ctx, batch_size=2, progress=False, **options)
+    snap = snapshot(engine.module, ctx)
+    ctx.barrier()
+    ctx.close()
+    return {"weights": snap, "mask_sha256": rep.mask_sha256}

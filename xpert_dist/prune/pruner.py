@@ -29,7 +29,7 @@ from ..errors import ConfigError, XpertError
 from ..maths import masks as mask_ops, reconstruct as reconstruct_ops, scores as score_ops
 from ..models import lora, structure as st
 from ..stats.capture import InputStats
-from ..stats.sequential import full_forward_stats, sequential_calibration
+from ..stats.sequential import STAGES, full_forward_stats, sequential_calibration
 from ..stats.store import StatsStore
 from .maskstore import MaskStore
 from .block import ModuleInput, block_scores, prune_module, reconstruct_factor, stats_mode
@@ -176,14 +176,15 @@ class Pruner:
         report = StepReport(step=len(self.reports), final=final, target_sparsity=sparsity, seconds=0.0)
         previous = self.masks.copy()
 
-        def on_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
-            if stats is not None:
-                stats = self.ctx.reduce_stats(stats, rotation=i)  # block i's owners: the same at every step
+        def on_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None, names=None) -> None:
+            if stats is not None:  # block i's owners (group by group when staged): the same at every step
+                rotation = i if names is None else len(STAGES) * i + [m for _g, m in STAGES].index(tuple(names))
+                stats = self.ctx.reduce_stats(stats, rotation=rotation)
                 if i == 0 and mode == "full" and self.ctx.rank == 0:
                     warn_few_tokens(stats)
             s_i = per_layer[i] if per_layer is not None else sparsity
             self.prune_block(model, i, block, stats, s_i, final=final or freeze, use_pbs=use_pbs,
-                             fixed_masks=fixed_masks)
+                             fixed_masks=fixed_masks, names=names)
 
         if mode is None:
             for i, block in enumerate(tqdm(st.blocks(model), desc="prune", disable=not self.progress, leave=False)):
@@ -197,6 +198,7 @@ class Pruner:
                                    dtype=STATS_DTYPES[cfg.stats_dtype], batch_size=self.batch_size,
                                    recompute=self.propagates_pruned(), progress=self.progress,
                                    compute_dtype=None if cfg.calib_dtype == "auto" else getattr(torch, cfg.calib_dtype),
+                                   staged=cfg.propagate == "true_sequential",
                                    desc="prune step" if not final else "final prune")
         for name, keep in self.masks.items():
             report.sparsity[name] = mask_ops.sparsity_of(keep)
@@ -216,7 +218,7 @@ class Pruner:
         """Whether this step's next-block calibration inputs are the pruned block's outputs
         (``prune.propagate``; ``pruned_first``: only while no mask exists yet, a resumed run included)."""
         p = self.cfg.propagate
-        return p == "pruned" or (p == "pruned_first" and not len(self.masks))
+        return p in ("pruned", "true_sequential") or (p == "pruned_first" and not len(self.masks))
 
     # ------------------------------------------------------------------ the final mask
     def pruned_modules(self, model: nn.Module):
@@ -276,13 +278,15 @@ class Pruner:
 
     # ------------------------------------------------------------------ one block
     def prune_block(self, model, i: int, block: nn.Module, stats: dict[str, InputStats] | None, sparsity: float, *,
-                    final: bool = False, use_pbs: bool = True, fixed_masks: dict | None = None) -> None:
+                    final: bool = False, use_pbs: bool = True, fixed_masks: dict | None = None,
+                    names=None) -> None:
         """Score, mask, (PBS) and write block ``i`` from its reduced input statistics: the body of a prune
-        step, public so that a benchmark can time one block alone."""
+        step, public so that a benchmark can time one block alone. ``names``: only these linears (one input
+        group of a staged calibration); ForeSight still reads every consumer's current weight."""
         cfg, ctx = self.cfg, self.ctx
         geo = st.geometry(model)
         layers = st.blocks(model)
-        linears = st.block_linears(block, cfg.modules)
+        linears = st.block_linears(block, [n for n in cfg.modules if names is None or n in names])
         prefix = f"model.layers.{i}"
         full_name = {n: f"{prefix}.{'self_attn' if n in st.ATTN else 'mlp'}.{n}" for n in linears}
         with ctx.gather(list(block.parameters()), modify=True):
@@ -354,6 +358,7 @@ class Pruner:
 
     def _block_scores(self, inputs, stats, geo, block, layers, i) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        targets = list(inputs)  # the modules this call prunes; the ones added below are read as consumers
         next_U, norms = None, {}
         if cfg.method == "foresight" and cfg.variant == "exact":
             attn_norm, mlp_norm = st.norm_weights(block)
@@ -368,6 +373,6 @@ class Pruner:
             if missing:  # consumers of pruned modules may be modules that are not pruned
                 lin = st.block_linears(block, missing)
                 inputs = {**inputs, **{n: ModuleInput(st.effective_weight(m)) for n, m in lin.items()}}
-        targets = [n for n in cfg.modules if n in inputs]
+        targets = [n for n in cfg.modules if n in targets]
         return block_scores(cfg, inputs, stats, geo.n_heads, geo.n_kv_heads, next_U=next_U, norms=norms,
                             targets=targets)

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.lora import bypass_zero_deltas
-from ..models.structure import blocks, block_linears, unwrap
+from ..models.structure import LLAMA_LINEARS, blocks, block_linears, unwrap
 from ..errors import StatisticsError
 from .capture import InputStats, StatsCollector
 
@@ -129,7 +129,102 @@ def _shortcut_scope(block: nn.Module, on: bool, stop: nn.Module | None):
             handle.remove()
 
 
-BlockCallback = Callable[[int, nn.Module, dict[str, InputStats]], None]
+BlockCallback = Callable[..., None]  # on_block(i, block, stats) or, staged, on_block(i, block, stats, names=...)
+
+# the staged forward (``staged=True``, ``prune.propagate=true_sequential``): a Llama block's input groups in the
+# order the forward reads them, each with the modules that read it
+STAGES = (("attn_in", ("q_proj", "k_proj", "v_proj")), ("o_in", ("o_proj",)),
+          ("mlp_in", ("gate_proj", "up_proj")), ("down_in", ("down_proj",)))
+
+
+@contextlib.contextmanager
+def _patched_forward(module: nn.Module, fn):
+    """``module`` runs ``fn`` instead of its forward inside (the hooks around it still run)."""
+    module.forward = fn
+    try:
+        yield
+    finally:
+        module.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _halt_at(module: nn.Module, keep: list | None = None):
+    """A forward stops (``_StopForward``) as ``module`` is entered, after the pre-hooks registered before this
+    one (the statistics) have read its input; ``keep`` collects that input."""
+    def halt(_m, args):
+        if keep is not None:
+            keep.append(args[0].detach().cpu())
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(halt)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _staged_block(i: int, block: nn.Module, hidden: list, kwargs: dict, device, compute_dtype, batch_indices,
+                  collect: Callable[[dict], StatsCollector], on_block: BlockCallback, shortcuts: bool,
+                  need_outputs: bool) -> list | None:
+    """One block calibrated group by group (SparseGPT's "true sequential" order): the statistics of each
+    input group (:data:`STAGES`) come from a forward in which the groups before it are already pruned
+    (``on_block(i, block, stats, names=...)`` is called per group), and every linear runs once, pruned: a
+    forward stops at the next group's first module and keeps what that group needs (the attention output
+    before ``o_proj``, ``down_proj``'s input, ``o_proj``'s output), and the later stages start from those
+    through the block's own code (``self_attn``/``mlp`` replaced by ``o_proj``/``down_proj`` of the kept
+    tensors), so the residual adds and norms are the block's. Returns the pruned block's outputs (the same
+    values as its whole forward) when ``need_outputs``."""
+    lin = block_linears(block)
+    attn, mlp = block.self_attn, block.mlp
+    attn_out: list = []  # o_proj's input per batch
+    o_out: list = []  # o_proj's output per batch (pruned)
+    down_in: list = []  # down_proj's input per batch (gate/up pruned)
+    cur = [0]  # the batch being run, for the patched forwards
+
+    def from_o_proj(*_a, **_k):
+        out = lin["o_proj"](attn_out[cur[0]].to(device))
+        o_out.append(out.detach().cpu())
+        return out, None
+
+    def kept_o(*_a, **_k):
+        return o_out[cur[0]].to(device), None
+
+    def from_down_proj(*_a, **_k):
+        return lin["down_proj"](down_in[cur[0]].to(device))
+
+    # stage: (its group's modules, the module where its forward stops, its input kept there, patched forwards)
+    plan = [(STAGES[0][1], lin["q_proj"], None, ()),
+            (STAGES[1][1], lin["o_proj"], attn_out, ()),
+            (STAGES[2][1], lin["gate_proj"], None, ((attn, from_o_proj),)),
+            (STAGES[3][1], lin["down_proj"], down_in, ((attn, kept_o),))]
+    for names, stop, keep, patches in plan:
+        with contextlib.ExitStack() as stack:
+            col = stack.enter_context(collect({n: lin[n] for n in names}))
+            stack.enter_context(_halt_at(stop, keep))
+            stack.enter_context(_shortcut_scope(block, shortcuts, None))  # the groups pruned so far may be bypassed
+            for module, fn in patches:
+                stack.enter_context(_patched_forward(module, fn))
+            for b, (g, h) in enumerate(zip(batch_indices, hidden)):
+                cur[0] = b
+                col.set_batch(g)
+                try:
+                    _run_block(block, h, kwargs, device, compute_dtype)
+                except _StopForward:
+                    pass
+        on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats(), names=names)
+        if keep is down_in:
+            attn_out.clear()  # every later stage starts from o_proj's kept output
+    outs = None
+    if need_outputs:
+        outs = []
+        with _shortcut_scope(block, shortcuts, None), _patched_forward(attn, kept_o), \
+                _patched_forward(mlp, from_down_proj):
+            for b, h in enumerate(hidden):
+                cur[0] = b
+                outs.append(_run_block(block, h, kwargs, device, compute_dtype).cpu())
+    o_out.clear()
+    down_in.clear()
+    return outs
 
 
 def _resolve(ctx, n_local: int, batch_indices, gather_block, forward_context, model):
@@ -165,7 +260,8 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
                            batch_indices: Sequence[int] | None = None, ctx=None,
                            forward_context: contextlib.AbstractContextManager | None = None,
                            reduction: str = "tree", partials_device=None,
-                           compute_dtype: torch.dtype | None = None, shortcuts: bool = True) -> None:
+                           compute_dtype: torch.dtype | None = None, shortcuts: bool = True,
+                           staged: bool = False) -> None:
     """Call ``on_block(i, block, stats)`` for every decoder block, in order, with that block's
     statistics computed on inputs that already went through the (pruned) earlier blocks.
 
@@ -182,7 +278,16 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
     ``shortcuts`` (default): the same statistics and outputs bit for bit, with less work
     (:func:`_shortcut_scope`, and no recompute of the last block, whose outputs feed no block); off, every
     forward runs whole (the reference the tests compare with).
+    ``staged`` (``prune.propagate=true_sequential``; needs ``recompute`` and all seven linears): each block is
+    calibrated input group by input group, every group on the outputs of the block's groups pruned before it,
+    and ``on_block(i, block, stats, names=...)`` is called once per group (:func:`_staged_block`): one
+    forward of each linear per block instead of a statistics forward and a recompute.
     """
+    if staged and not recompute:
+        raise StatisticsError("staged calibration hands on the pruned outputs: it needs recompute=True")
+    if staged and modules and set(modules) != set(LLAMA_LINEARS):
+        raise StatisticsError(f"staged calibration prunes every linear of a block, group by group; got modules "
+                              f"{list(modules)}, need all of {list(LLAMA_LINEARS)}")
     n_local = -(-input_ids.shape[0] // batch_size) if input_ids.shape[0] else 0
     batch_indices, gather_block, gather_pre, forward_context = _resolve(ctx, n_local, batch_indices, gather_block,
                                                             forward_context, model)
@@ -198,7 +303,15 @@ def sequential_calibration(model: nn.Module, input_ids: torch.Tensor, on_block: 
             kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else
                           tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
             names = modules or None
+            collect = lambda lin: StatsCollector(lin, mode=mode, dtype=dtype, reduction=reduction,  # noqa: E731
+                                                 partials_device=partials_device)
             for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
+                if staged:
+                    with gather_block(block):
+                        hidden = _staged_block(i, block, hidden, kwargs, device, compute_dtype, batch_indices,
+                                               collect, on_block, shortcuts,
+                                               need_outputs=not (shortcuts and i + 1 == len(layers)))
+                    continue
                 linears = block_linears(block, names) if names else block_linears(block)
                 # with ``recompute`` the statistics forward's outputs are thrown away, so it stops once the
                 # last module's input is recorded (down_proj's: its matmul and adapter are skipped)
