@@ -8,14 +8,15 @@ evening); float32 as every prune step now runs (``stats/sequential.py``'s shortc
 stops at down_proj's input, adapters the step zeroed are skipped in the recompute, the last block is not
 recomputed; ``stats/capture.gram_into``: XᵀX from the panels on and above the diagonal, mirrored), which
 must leave the same model bit for bit; and bf16-autocast forwards (``prune.calib_dtype=bfloat16``) with
-the shortcuts. Each runs two prune steps at the method table's budget (32 calibration windows of 256
+the shortcuts; and ``prune.propagate=true_sequential`` (each block calibrated input group by group on the groups
+pruned before it, every linear run once: other statistics, so other masks, not the same bits). Each runs two prune steps at the method table's budget (32 calibration windows of 256
 tokens from the health training data, 40%); before each, every adapter ``B`` moves by a seeded random
 step (what training between steps does), so the statistics forward meets live adapters as in a run.
 Then one more step under cProfile, split into block forwards, ``XᵀX`` accumulation, the pruning maths
 (scores, masks, OBS reconstruction) and the rest. Quality beside it: agreement of the bf16 masks with
 float32's, and the perplexity of each pruned model (no training) on held-out ``health_valid`` windows.
 
-    python bench/prune_step.py [--threads 1] [--windows 32] [--no-bf16]
+    python bench/prune_step.py [--threads 1] [--windows 32] [--no-bf16] [--no-true-sequential]
 
 Writes ``bench/results/prune_step.{json,md}``.
 """
@@ -47,9 +48,11 @@ from xpert_dist.train.data import build_train_data, calibration_batch  # noqa: E
 from xpert_dist.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
-# (key, prune.calib_dtype, shortcuts and panel XᵀX, column label)
-SETTINGS = (("whole", "auto", False, "float32, whole forwards, full XᵀX"), ("shortcuts", "auto", True, "float32"),
-            ("bf16", "bfloat16", True, "bf16 autocast"))
+# (key, prune.calib_dtype, shortcuts and panel XᵀX, prune.propagate, column label)
+SETTINGS = (("whole", "auto", False, "pruned", "float32, whole forwards, full XᵀX"),
+            ("shortcuts", "auto", True, "pruned", "float32"),
+            ("true_sequential", "auto", True, "true_sequential", "float32, propagate=true_sequential"),
+            ("bf16", "bfloat16", True, "pruned", "bf16 autocast"))
 GRAM_INTO = capture.gram_into
 
 
@@ -97,7 +100,7 @@ def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
     return math.exp(nll / n)
 
 
-def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool) -> tuple[dict, dict, dict]:
+def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool, propagate: str) -> tuple[dict, dict, dict]:
     """Two timed prune steps and a profiled third on a fresh model; (row, state after two steps, masks)."""
     pruner_mod.sequential_calibration = functools.partial(sequential.sequential_calibration, shortcuts=shortcuts)
     capture.gram_into = GRAM_INTO if shortcuts else full_product
@@ -106,7 +109,7 @@ def run_setting(cfg, calib, valid, dtype: str, shortcuts: bool) -> tuple[dict, d
         model = loading.load_model(cfg.model, seed=0)
         torch.manual_seed(0)  # the LoRA initialisation: the same in every setting
         model = wrap_lora(model, cfg.lora).eval()
-        pruner = pruner_mod.Pruner(dataclasses.replace(cfg.prune, calib_dtype=dtype),
+        pruner = pruner_mod.Pruner(dataclasses.replace(cfg.prune, calib_dtype=dtype, propagate=propagate),
                                    batch_size=calibration_batch(cfg.train), progress=False, work_dir=work)
         times = []
         for step in range(2):
@@ -130,6 +133,7 @@ def main() -> int:
     ap.add_argument("--valid-windows", type=int, default=16)
     ap.add_argument("--no-bf16", action="store_true",
                     help="leave out the bf16-autocast setting (on a CPU without bf16 matmul units it is the slowest)")
+    ap.add_argument("--no-true-sequential", action="store_true", help="leave out the propagate=true_sequential setting")
     args = ap.parse_args()
     if args.threads < 1 or args.windows < 1:
         ap.error("--threads and --windows must be >= 1")
@@ -143,9 +147,10 @@ def main() -> int:
                                      "data.calib_sets=1", "data.seed=1"])
     valid = build_train_data(valid_cfg, tok, None).calib_ids
     rows, states, masks = {}, {}, {}
-    settings = [st for st in SETTINGS if not (args.no_bf16 and st[0] == "bf16")]
-    for key, dtype, shortcuts, _label in settings:
-        rows[key], states[key], masks[key] = run_setting(cfg, calib, valid, dtype, shortcuts)
+    settings = [st for st in SETTINGS if not (args.no_bf16 and st[0] == "bf16")
+                and not (args.no_true_sequential and st[0] == "true_sequential")]
+    for key, dtype, shortcuts, propagate, _label in settings:
+        rows[key], states[key], masks[key] = run_setting(cfg, calib, valid, dtype, shortcuts, propagate)
         print(f"[prune_step] {key}: {rows[key]}", flush=True)
     same = all(torch.equal(states["whole"][k], states["shortcuts"][k]) for k in states["whole"])
     bf16 = "bf16" in rows
@@ -157,12 +162,14 @@ def main() -> int:
         res.update(bf16_mask_agreement_min=min(agree.values()), bf16_mask_agreement_mean=sum(agree.values()) / len(agree))
     keys = [k for k, *_ in settings]
     ratio_cols = [k for k in keys if k != "whole"]
-    names = {"shortcuts": "float32 / reference", "bf16": "bf16 / reference"}
+    names = {"shortcuts": "float32 / reference", "true_sequential": "true_sequential / reference",
+             "bf16": "bf16 / reference"}
     md = [f"One SmolLM2-135M prune step (configs/default_health.yaml as shipped: {cfg.prune.sparsity:.0%}, ForeSight + "
           f"OBS reconstruction, `propagate=pruned`, the XᵀX carry), {calib.shape[0]} calibration windows of "
           f"{calib.shape[1]} tokens, {args.threads} thread(s); before each step every adapter B moved by a seeded "
           "random step (no training). The reference: every forward whole and each batch's XᵀX one full product "
-          "(prune steps before 2026-12-07 evening); float32: as prune steps run now. Ratios against the reference.", "",
+          "(prune steps before 2026-12-07 evening); float32: as prune steps run now; true_sequential: the same with "
+          "`prune.propagate=true_sequential` (its own statistics, so not the same bits). Ratios against the reference.", "",
           "| | " + " | ".join(label for k, *_, label in settings) + " | "
           + " | ".join(names[k] for k in ratio_cols) + " |",
           "|---" * (len(keys) + len(ratio_cols) + 1) + "|"]
@@ -184,6 +191,12 @@ def main() -> int:
                   f"{res['bf16_mask_agreement_min']:.5f}, mean {res['bf16_mask_agreement_mean']:.5f}.")
     else:
         md.append("bf16 autocast not run (`--no-bf16`).")
+    if "true_sequential" in rows:
+        ts = {k: float((masks["shortcuts"][k] == masks["true_sequential"][k]).float().mean()) for k in masks["shortcuts"]}
+        res.update(true_sequential_mask_agreement_min=min(ts.values()),
+                   true_sequential_mask_agreement_mean=sum(ts.values()) / len(ts))
+        md.append(f"true_sequential masks (its own statistics) against float32's, after three steps: min "
+                  f"{res['true_sequential_mask_agreement_min']:.5f}, mean {res['true_sequential_mask_agreement_mean']:.5f}.")
     md.append("")
     os.makedirs(OUT, exist_ok=True)
     for name, text in (("prune_step.json", json.dumps(res, indent=2)), ("prune_step.md", "\n".join(md))):

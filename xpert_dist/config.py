@@ -150,7 +150,9 @@ class PruneConfig:
     # the next block's calibration inputs at a prune step: pruned (the block's outputs once pruned, every
     # step: SparseGPT's sequential scheme, two block forwards), unpruned (its outputs before this step: one
     # forward), pruned_first (pruned while the model has no mask yet, unpruned at later steps, whose
-    # weights are already masked)
+    # weights are already masked), true_sequential (pruned also inside a block: its input groups q/k/v, o_proj,
+    # gate/up, down_proj calibrated in turn, each on the groups pruned before it; one forward of each linear per
+    # block; stats/sequential._staged_block)
     propagate: str = "pruned"
     # the per-input-column factor of the ForeSight score: diag (METHOD.md's d_i = (XᵀX)_ii: the error of zeroing
     # one entry alone) or obs (1/[(XᵀX + λI)⁻¹]_ii: the error left once the row's other weights re-fit, Optimal

@@ -177,3 +177,41 @@ def test_carried_hessians_hand_computed(stats_offload, where, stats_dtype):
     carried = terms["carried XᵀX of every block (prune.hessian_carry, worst owner)"]
     assert carried.bytes == (2 * 200 * 200 + 3 * 96 * 96) * 4 and carried.where == where and carried.phase == "resident"
     assert not any("carried" in t.name for t in estimate(PlanSpec(**kw)).terms)
+
+
+def _live_activation_bytes(bs, seq):
+    """Bytes of the distinct storages of the live 3-D ``[bs, seq, ·]`` float tensors (calibration activations)."""
+    import gc
+
+    seen = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.dim() == 3 and tuple(o.shape[:2]) == (bs, seq) and o.is_floating_point():
+            st = o.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("propagate", ["pruned", "true_sequential"])
+def test_calibration_activation_term_matches_a_measured_prune_step(propagate):
+    """The host term for a prune step's calibration activations against the peak of the activations a real
+    prune step holds (measured after every block forward of a tiny Llama, one process)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xpert_dist.models import structure as st
+    from xpert_dist.prune.oneshot import prune
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    rows, seq, bs = 8, 16, 2
+    ids = torch.randint(0, 300, (rows, seq), generator=torch.Generator().manual_seed(0))
+    peak = [0]
+    handles = [b.register_forward_hook(lambda *_a: peak.__setitem__(0, max(peak[0], _live_activation_bytes(bs, seq))))
+               for b in st.blocks(model)]
+    prune(model, "wanda", 0.5, ids, batch_size=bs, progress=False, propagate=propagate)
+    for h in handles:
+        h.remove()
+    plan = estimate(PlanSpec(model=ModelShape.from_config(TINY), nodes=1, gpus_per_node=1, zero_stage=0,
+                             dtype="float32", accelerator="cpu", seq_len=seq, micro_batch=bs, calib_samples=rows,
+                             method="wanda", pbs="off", propagate=propagate))
+    (term,) = [t.bytes for t in plan.terms if t.step == "prune" and t.name.startswith("calibration")]
+    assert peak[0] == term, (peak[0], term)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reconstruct", default="off", choices=["off", "obs"],
                     help="prune.reconstruct (obs: what configs/default_{health,legal}.yaml ship; needs the full XᵀX)")
     ap.add_argument("--saliency", default="diag", choices=["diag", "obs"], help="prune.saliency (obs: full XᵀX)")
+    ap.add_argument("--propagate", default="pruned", choices=["pruned", "unpruned", "pruned_first", "true_sequential"],
+                    help="prune.propagate (true_sequential: more calibration activations on the host)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -68,7 +70,7 @@ def spec_from_args(args) -> PlanSpec:
                     gpu_mem_gb=args.gpu_mem_gb, host_mem_gb=args.host_mem_gb, zero_stage=args.zero_stage,
                     offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
                     method=args.method, pbs=args.pbs, pbs_support=args.pbs_support, reconstruct=args.reconstruct,
-                    saliency=args.saliency, lora_r=args.lora_r, lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                    saliency=args.saliency, propagate=args.propagate, lora_r=args.lora_r, lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
                     calib_samples=args.calib_samples, calib_batch=args.calib_batch,
                     stats_offload=args.stats_offload, stats_dtype=args.stats_dtype,
                     solver_dtype=args.solver_dtype, dtype=args.dtype,

@@ -162,8 +162,14 @@ def estimate(spec: PlanSpec) -> Plan:
     K = math.ceil(spec.calib_samples / bs)
     K_local = max(_shard(K, W, r)[1] - _shard(K, W, r)[0] for r in range(W))
     rows_local = min(K_local * bs, spec.calib_samples)
-    add("prune", "resident", "host", "calibration hidden states (block in + out)",
-        2 * rows_local * spec.seq_len * m.hidden * b, f"2·{rows_local} rows·S·h·b (host, this rank's batches)")
+    if spec.propagate == "true_sequential":  # at the block's last stage: its inputs, o_proj's output, down_proj's
+        # input and the block's outputs (o_proj's input, 2h + q with the first two, is dropped before)
+        add("prune", "resident", "host", "calibration activations (block in, o_proj out, down_proj in, block out)",
+            rows_local * spec.seq_len * (3 * m.hidden + m.intermediate) * b,
+            f"{rows_local} rows·S·(3h + I)·b (host, this rank's batches)")
+    else:
+        add("prune", "resident", "host", "calibration hidden states (block in + out)",
+            2 * rows_local * spec.seq_len * m.hidden * b, f"2·{rows_local} rows·S·h·b (host, this rank's batches)")
     if z == 3:
         add("prune", "capture", accel, "gathered embedding (capturing block-0 inputs)", m.embed_params() * b,
             "V·h·b")

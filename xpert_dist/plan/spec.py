@@ -61,6 +61,9 @@ class PlanSpec:
     pbs_support: str = "dense"
     reconstruct: str = "off"  # off | obs (prune.reconstruct: OBS update of the kept weights, full XᵀX)
     saliency: str = "diag"  # diag | obs (prune.saliency: obs needs the full XᵀX and its inverse's diagonal)
+    # prune.propagate: true_sequential keeps, beside a block's inputs and outputs, o_proj's output and down_proj's
+    # input per calibration row on the host (stats/sequential._staged_block); the others keep inputs and outputs
+    propagate: str = "pruned"
     lora_r: int = 8
     lora_targets: tuple = LINEARS
     lora_dropout: float = 0.05
@@ -94,6 +97,8 @@ class PlanSpec:
                                      ("--pbs-support", self.pbs_support, ("dense", "kept")),
                                      ("--reconstruct", self.reconstruct, ("off", "obs")),
                                      ("--saliency", self.saliency, ("diag", "obs")),
+                                     ("--propagate", self.propagate, ("pruned", "unpruned", "pruned_first",
+                                                                      "true_sequential")),
                                      ("--stats-offload", self.stats_offload, ("none", "cpu", "disk")),
                                      ("--stats-dtype", self.stats_dtype, ("float32", "float64")),
                                      ("--solver-dtype", self.solver_dtype, ("float32", "float64")),

@@ -212,7 +212,7 @@ def _staged_block(i: int, block: nn.Module, hidden: list, kwargs: dict, device, 
                 except _StopForward:
                     pass
         on_block(i, block, col.stats(allow_empty=True) if not hidden else col.stats(), names=names)
-        if keep is down_in:
+        if patches and patches[0][1] is from_o_proj:
             attn_out.clear()  # every later stage starts from o_proj's kept output
     outs = None
     if need_outputs:
