@@ -26,16 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xpert_dist.launch.export_diff import (base_linears, launcher_command, mask_disagreement,  # noqa: E402
+                                          pruned_linears, update_difference)
 from xpert_dist.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # the end-to-end test's job (tests/train/test_zero3_real.py::test_zero3_smollm2_end_to_end)
 JOB = ["train.max_steps=3", "train.batch_size=2", "train.warmup_steps=1", "data.calib_samples=16", "data.seq_len=64",
        "lora.dropout=0", "eval.tasks=[]", "eval.perplexity_windows=32", "eval.perplexity_seq_len=64",
@@ -50,17 +50,8 @@ def _port() -> int:
 
 
 def launch(launcher: str, world: int, out: Path, overrides: list[str]) -> dict:
-    bindir = os.path.dirname(sys.executable)
-    args = ["launchers/run.py", "--no-progress", "--config", "configs/default_health.yaml", f"output_dir={out}",
-            *overrides]
-    if launcher == "python":
-        cmd = [sys.executable, *args]
-    elif launcher == "torchrun":
-        cmd = [os.path.join(bindir, "torchrun"), "--nproc_per_node", str(world), "--master_port", str(_port()), *args,
-               "--ds_config", str(ZERO3)]
-    else:
-        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(world), "--master_port", str(_port()), *args,
-               "--ds_config", str(ZERO3)]
+    args = ["--no-progress", "--config", "configs/default_health.yaml", f"output_dir={out}", *overrides]
+    cmd = launcher_command(launcher, world, args, ZERO3, _port())
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
@@ -72,36 +63,6 @@ def launch(launcher: str, world: int, out: Path, overrides: list[str]) -> dict:
     return res
 
 
-def exported(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    sd = load_file(out / "model" / "model.safetensors")
-    return {n: w.float() for n, w in sd.items() if n.endswith(".weight") and n.split(".")[-2] in LINEARS}
-
-
-def base_weights() -> dict[str, torch.Tensor]:
-    from xpert_dist.config import ModelConfig
-    from xpert_dist.models.loading import load_model
-
-    model = load_model(ModelConfig(name_or_path="smollm2"))
-    return {n: p.detach().float() for n, p in model.named_parameters()
-            if n.endswith(".weight") and n.split(".")[-2] in LINEARS}
-
-
-def compare(base: dict, ref: dict, got: dict) -> tuple[float, float]:
-    """(share of mask entries that differ, ||W - W_ref|| / ||W_ref - W_base ⊙ M_ref|| on rows whose masks agree)."""
-    diff = total = 0
-    num = den = 0.0
-    for name, w0 in base.items():
-        a, b = ref[name], got[name]
-        diff += int(((a != 0) != (b != 0)).sum())
-        total += a.numel()
-        rows = ((a != 0) == (b != 0)).all(dim=1)
-        num += float((a[rows] - b[rows]).square().sum())
-        den += float((a[rows] - w0[rows] * (a[rows] != 0)).square().sum())
-    return diff / total, (num / den) ** 0.5
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="auto,bfloat16", help="prune.calib_dtype values, comma-separated")
@@ -110,7 +71,7 @@ def main() -> int:
     bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16", "float16")]
     if not dtypes or bad:
         ap.error(f"--dtypes: unknown calibration dtype(s) {bad or dtypes} (auto, float32, bfloat16, float16)")
-    base = base_weights()
+    base = base_linears()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for dtype in dtypes:
@@ -122,10 +83,11 @@ def main() -> int:
                       f"{runs[(launcher, world)]['metrics']['perplexity']:.4f} "
                       f"({runs[(launcher, world)]['_wall_s']:.0f} s)", flush=True)
             ref = runs[("python", 1)]
-            ref_w = exported(Path(work) / f"{dtype}-python1")
+            ref_w = pruned_linears(Path(work) / f"{dtype}-python1")
             for launcher, world in LAUNCHES[1:]:
                 res = runs[(launcher, world)]
-                frac, rel = compare(base, ref_w, exported(Path(work) / f"{dtype}-{launcher}{world}"))
+                got_w = pruned_linears(Path(work) / f"{dtype}-{launcher}{world}")
+                frac, rel = mask_disagreement(ref_w, got_w), update_difference(base, ref_w, got_w)
                 rows.append({"calib_dtype": dtype, "launcher": launcher, "world_size": world,
                              "perplexity": res["metrics"]["perplexity"],
                              "reference_perplexity": ref["metrics"]["perplexity"],

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import REPO, free_port
+from xpert_dist.launch.export_diff import (base_linears, launcher_command, mask_disagreement, pruned_linears,
+                                          update_difference)
 from xpert_dist.launch.repro import MASK_FRACTION_NOISE, PRE_PRUNE_LOSS_REL_NOISE
 
 pytestmark = pytest.mark.slow
@@ -100,17 +101,8 @@ def _env():
 
 
 def _run(launcher: str, world: int, out: Path, overrides: list[str], timeout: float = 600):
-    bin_dir = os.path.dirname(sys.executable)
-    args = ["launchers/run.py", "--no-progress", "--config", "configs/default_health.yaml", f"output_dir={out}",
-            *overrides]
-    if launcher == "python":
-        cmd = [sys.executable, *args]
-    elif launcher == "torchrun":
-        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
-               *args, "--ds_config", str(ZERO3)]
-    else:
-        cmd = [os.path.join(bin_dir, "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-               *args, "--ds_config", str(ZERO3)]
+    args = ["--no-progress", "--config", "configs/default_health.yaml", f"output_dir={out}", *overrides]
+    cmd = launcher_command(launcher, world, args, ZERO3, free_port())
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{launcher} x{world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads((out / "results.json").read_text())
@@ -130,36 +122,6 @@ def _exported_masks(out: Path, sparsity: float) -> dict[str, torch.Tensor]:
             kept[name] = p != 0
     assert len(kept) == 7 * model.config.num_hidden_layers
     return kept
-
-
-def _differing_fraction(a: dict, b: dict) -> float:
-    diff = sum(int((a[k] != b[k]).sum()) for k in a)
-    return diff / sum(v.numel() for v in a.values())
-
-
-def _base_weights() -> dict[str, torch.Tensor]:
-    from xpert_dist.config import ModelConfig
-    from xpert_dist.models.loading import load_model
-
-    model = load_model(ModelConfig(name_or_path="smollm2"))
-    return {n: p.detach().float() for n, p in model.named_parameters()
-            if n.endswith(".weight") and n.split(".")[-2] in LINEARS}
-
-
-def _update_difference(base: dict, ref_dir: Path, out_dir: Path) -> float:
-    """||W_out - W_ref|| / ||W_ref - W_base ⊙ M_ref|| over the rows of every pruned matrix whose masks agree:
-    how far the compensation written under test is from the reference run's."""
-    from safetensors.torch import load_file
-
-    ref, got = load_file(ref_dir / "model" / "model.safetensors"), load_file(out_dir / "model" / "model.safetensors")
-    num = den = 0.0
-    for name, w0 in base.items():
-        a, b = ref[name].float(), got[name].float()
-        rows = ((a != 0) == (b != 0)).all(dim=1)
-        num += float((a[rows] - b[rows]).square().sum())
-        den += float((a[rows] - w0[rows] * (a[rows] != 0)).square().sum())
-    assert den > 0, "the reference export equals the masked base weights: nothing was reconstructed"
-    return (num / den) ** 0.5
 
 
 def test_zero3_random_llama_plain_folder(random_llama, tmp_path):
@@ -213,7 +175,7 @@ def test_zero3_gradual_owl_matches_single_process(random_llama, tmp_path):
     for name, m in masks["single"].items():
         want = last[name.removesuffix(".weight")]
         assert 1 - m.float().mean().item() == pytest.approx(want, abs=1e-3), (name, want)
-    frac = _differing_fraction(masks["single"], masks["zero3"])
+    frac = mask_disagreement(masks["single"], masks["zero3"])
     assert frac <= MASK_FRACTION_NOISE, f"{frac:.2e} of mask entries differ from the single process"
 
 
@@ -246,7 +208,8 @@ def test_zero3_smollm2_end_to_end(tmp_path):
     in_loop = [r for r in ref["prune_reports"] if not r["final"]]
     assert [r["target_sparsity"] for r in in_loop] == pytest.approx([0.4 * 7 / 8, 0.4], abs=1e-9)
     ref_masks = _exported_masks(tmp_path / "single", 0.4)
-    base = _base_weights()
+    base = base_linears()
+    ref_weights = pruned_linears(tmp_path / "single")
     for launcher, world in (("deepspeed", 1), ("torchrun", 2)):
         out = tmp_path / f"{launcher}{world}"
         res = _run(launcher, world, out, common)
@@ -258,12 +221,12 @@ def test_zero3_smollm2_end_to_end(tmp_path):
         # (before any prune step) agrees to 1e-5 relative, masks differ in at most 1% of entries
         first, ref_first = res["loss_history"][0][1], ref["loss_history"][0][1]
         assert abs(first / ref_first - 1) <= PRE_PRUNE_LOSS_REL_NOISE, (launcher, world, first, ref_first)
-        frac = _differing_fraction(ref_masks, masks)
+        frac = mask_disagreement(ref_masks, masks)
         assert frac <= MASK_FRACTION_NOISE, f"{launcher} x{world}: {frac:.2e} of mask entries differ from the single process"
         ppl, ref_ppl = res["metrics"]["perplexity"], ref["metrics"]["perplexity"]
         assert abs(ppl / ref_ppl - 1) <= 0.01, f"{launcher} x{world}: perplexity {ppl} vs {ref_ppl}"
         # OBS moved the kept weights (norm ~260 over the model); on rows whose masks agree, the ZeRO-3
         # export is the single process's up to float noise that the OBS solve amplifies (measured ~3%). A
         # skipped reconstruction, or statistics of one rank's share only, give a difference of order 1.
-        rel = _update_difference(base, tmp_path / "single", out)
+        rel = update_difference(base, ref_weights, pruned_linears(out))
         assert rel <= 0.1, f"{launcher} x{world}: OBS update differs from the single process's by {rel:.3f}"
