@@ -9,8 +9,9 @@ stops at down_proj's input, adapters the step zeroed are skipped in the recomput
 recomputed; ``stats/capture.gram_into``: XᵀX from the panels on and above the diagonal, mirrored), which
 must leave the same model bit for bit; and bf16-autocast forwards (``prune.calib_dtype=bfloat16``) with
 the shortcuts; and ``prune.propagate=true_sequential`` (each block calibrated input group by group on the groups
-pruned before it, every linear run once: other statistics, so other masks, not the same bits). Each runs two prune steps at the method table's budget (32 calibration windows of 256
-tokens from the health training data, 40%); before each, every adapter ``B`` moves by a seeded random
+pruned before it, every linear run once: other statistics, so other masks, not the same bits). Each runs two
+prune steps at the method table's budget (32 calibration windows of 256 tokens from the health training data,
+40%); before each, every adapter ``B`` moves by a seeded random
 step (what training between steps does), so the statistics forward meets live adapters as in a run.
 Then one more step under cProfile, split into block forwards, ``XᵀX`` accumulation, the pruning maths
 (scores, masks, OBS reconstruction) and the rest. Quality beside it: agreement of the bf16 masks with

@@ -233,8 +233,10 @@ METHODS = {
     # what ships with each block calibrated group by group (prune.propagate=true_sequential, SparseGPT's "true
     # sequential" order): o_proj's XᵀX from the attention of the already pruned q/k/v, gate/up's from the pruned
     # attention, down_proj's from the pruned gate/up, and every linear run once per block instead of a statistics
-    # forward and a recompute (stats/sequential._staged_block): a prune step 0.8x; the cell measures what the
-    # statistics of the pruned upstream groups do to the export
+    # forward and a recompute (stats/sequential._staged_block): a prune step ~0.7x; the cell measures what the
+    # statistics of the pruned upstream groups do to the export. Measured 2026-12-08 (validation, against
+    # xpert_gradual_carry_ste): health 40% 13.27 (78.8%) vs 13.24 (79.0%), PubMedQA 0.497 (0.480); legal 40% 22.10
+    # (88.3%) vs 22.08 (88.4%), test 25.77 vs 25.71, CaseHOLD 0.135 (0.135): level (seed noise ~0.1 ppl)
     "xpert_gradual_carry_ste_tseq": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                      "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
                                      "data.calib_sets=4", "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",

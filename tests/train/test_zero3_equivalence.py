@@ -43,12 +43,14 @@ def _worker(rank, world, port, out, ds_path, prune, data, extra=None):
 
 
 # the fp32 default, the calibration forwards under bf16 autocast with pruned_first propagation (the
-# second prune step then reuses the unpruned outputs), and OBS reconstruction at three prune steps, each on its
-# own calibration draw, solving with the XᵀX carried from the earlier steps (kept by each module's owner rank)
+# second prune step then reuses the unpruned outputs), and the shipped pruning: OBS reconstruction at three prune
+# steps, each on its own calibration draw, solving with the XᵀX carried from the earlier steps (kept by each group's
+# owner rank, one owner per input group under true_sequential's group-by-group calibration)
 @pytest.mark.parametrize("prune, data", [
     ({}, {}),
     ({"calib_dtype": "bfloat16", "propagate": "pruned_first"}, {}),
-    ({"pbs": "off", "reconstruct": "obs", "hessian_carry": 1.0, "prune_every": 1}, {"calib_sets": 3}),
+    ({"pbs": "off", "reconstruct": "obs", "hessian_carry": 1.0, "prune_every": 1, "propagate": "true_sequential"},
+     {"calib_sets": 3}),
 ], ids=["fp32", "bf16calib", "obs_carry"])
 def test_zero3_two_ranks_match_single_process(tmp_path, prune, data):
     from safetensors.torch import load_file
