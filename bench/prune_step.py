@@ -165,12 +165,13 @@ def main() -> int:
     ratio_cols = [k for k in keys if k != "whole"]
     names = {"shortcuts": "float32 / reference", "true_sequential": "true_sequential / reference",
              "bf16": "bf16 / reference"}
-    md = [f"One SmolLM2-135M prune step (configs/default_health.yaml as shipped: {cfg.prune.sparsity:.0%}, ForeSight + "
-          f"OBS reconstruction, `propagate=pruned`, the XᵀX carry), {calib.shape[0]} calibration windows of "
+    md = [f"One SmolLM2-135M prune step (configs/default_health.yaml: {cfg.prune.sparsity:.0%}, ForeSight + "
+          f"OBS reconstruction, the XᵀX carry; `prune.propagate` as each column says), {calib.shape[0]} calibration windows of "
           f"{calib.shape[1]} tokens, {args.threads} thread(s); before each step every adapter B moved by a seeded "
           "random step (no training). The reference: every forward whole and each batch's XᵀX one full product "
-          "(prune steps before 2026-12-07 evening); float32: as prune steps run now; true_sequential: the same with "
-          "`prune.propagate=true_sequential` (its own statistics, so not the same bits). Ratios against the reference.", "",
+          "(prune steps before 2026-12-07 evening); float32: `propagate=pruned` as prune steps run it now; true_sequential: "
+          "`prune.propagate=true_sequential`, what the domain configs ship since 2026-12-08 (its own statistics, so not the "
+          "same bits). Ratios against the reference.", "",
           "| | " + " | ".join(label for k, *_, label in settings) + " | "
           + " | ".join(names[k] for k in ratio_cols) + " |",
           "|---" * (len(keys) + len(ratio_cols) + 1) + "|"]

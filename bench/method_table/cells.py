@@ -236,7 +236,9 @@ METHODS = {
     # forward and a recompute (stats/sequential._staged_block): a prune step ~0.7x; the cell measures what the
     # statistics of the pruned upstream groups do to the export. Measured 2026-12-08 (validation, against
     # xpert_gradual_carry_ste): health 40% 13.27 (78.8%) vs 13.24 (79.0%), PubMedQA 0.497 (0.480); legal 40% 22.10
-    # (88.3%) vs 22.08 (88.4%), test 25.77 vs 25.71, CaseHOLD 0.135 (0.135): level (seed noise ~0.1 ppl)
+    # (88.3%) vs 22.08 (88.4%), test 25.77 vs 25.71, CaseHOLD 0.135 (0.135): level (seed noise ~0.1 ppl); health
+    # 50% 16.46 (63.5%) vs 16.58 (63.1%), PubMedQA 0.520 (0.542); legal 50% 25.74 (75.8%) vs 25.82 (75.6%), test 32.85
+    # vs 33.20, CaseHOLD 0.150 (0.140): ahead. What the domain and cluster configs ship since 2026-12-08
     "xpert_gradual_carry_ste_tseq": [*EX, "prune.pbs=off", "prune.reconstruct=obs", "prune.lr_rewind=true",
                                      "prune.group=output", "prune.prune_every=25", "prune.ramp=cubic",
                                      "data.calib_sets=4", "prune.hessian_carry=1.0", "prune.mask_final=fraction:0.667",
